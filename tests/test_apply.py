@@ -1,0 +1,271 @@
+"""Applying schedules to transformers' real model classes (tiny random models built from configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from tuner.evoprune import EvoPruneError, Schedule, ScheduleError, Scoring, UnsupportedModelError, apply
+
+IMAGE, PATCH, LAYERS = 48, 8, 6  # 36 patch tokens
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    image_size=IMAGE,
+    patch_size=PATCH,
+)
+
+
+def clip_vision() -> CLIPVisionModel:
+    torch.manual_seed(0)
+    return CLIPVisionModel._from_config(CLIPVisionConfig(**VISION), attn_implementation="sdpa").eval()
+
+
+def siglip_vision() -> SiglipVisionModel:
+    torch.manual_seed(0)
+    return SiglipVisionModel._from_config(SiglipVisionConfig(**VISION), attn_implementation="sdpa").eval()
+
+
+FAMILIES = {"clip": (clip_vision, True), "siglip": (siglip_vision, False)}
+SCORINGS = [
+    Scoring(),
+    Scoring(w_div=0.0, w_attn=0.0, ctr=0.0),
+    Scoring(w_div=0.3, w_attn=0.5, ctr=0.1, features="hidden", proportional_attention=True),
+]
+
+
+def pixels(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_schedule_is_bit_identical_and_removable(family: str) -> None:
+    make, _ = FAMILIES[family]
+    model = make()
+    before_state = snapshot(model)
+    x = pixels(2)
+    with torch.inference_mode():
+        native = model(pixel_values=x).last_hidden_state
+        with apply(model, Schedule.none(LAYERS, 36)) as handle:
+            patched = model(pixel_values=x).last_hidden_state
+        assert handle.token_counts == [36] * LAYERS
+        after = model(pixel_values=x).last_hidden_state
+    assert torch.equal(native, patched)
+    assert torch.equal(native, after)
+    after_state = model.state_dict()
+    assert list(after_state) == list(before_state)
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scoring", SCORINGS, ids=["paper", "tome", "all-terms"])
+def test_token_counts_follow_the_schedule_and_remove_restores(family: str, scoring: Scoring) -> None:
+    make, has_cls = FAMILIES[family]
+    model = make()
+    before_state = snapshot(model)
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12, scoring=scoring)
+    x = pixels(3)
+    with torch.inference_mode():
+        native = model(pixel_values=x, output_hidden_states=True)
+        handle = apply(model, schedule)
+        pruned = model(pixel_values=x, output_hidden_states=True)
+        assert handle.token_counts == schedule.tokens_after(36)
+        cls = 1 if has_cls else 0
+        assert pruned.last_hidden_state.shape == (3, 12 + cls, 32)
+        # Hidden states of every layer are captured with the pruned lengths.
+        assert [h.shape[1] - cls for h in pruned.hidden_states] == [36] + schedule.tokens_after(36)
+        assert handle.sizes is not None and handle.source is not None
+        assert torch.all(handle.sizes.sum(dim=1) == 36)
+        assert handle.source.shape == (3, 36) and int(handle.source.max()) == 11
+        # Only merging layers (and the encoder) carry an instance forward; the class is untouched.
+        layers = model.encoder.layers
+        assert [i for i, layer in enumerate(layers) if "forward" in layer.__dict__] == schedule.merge_layers
+        assert "forward" in model.encoder.__dict__
+        assert model.config._attn_implementation == "sdpa"
+        handle.remove()
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        restored = model(pixel_values=x, output_hidden_states=True)
+    assert torch.equal(native.last_hidden_state, restored.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(native.hidden_states, restored.hidden_states, strict=True))
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    assert list(model.state_dict()) == list(before_state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_item_is_merged_on_its_own(family: str) -> None:
+    make, _ = FAMILIES[family]
+    model = make()
+    schedule = Schedule.preset("mean", num_layers=LAYERS, tokens_in=36, tokens_out=9)
+    x = pixels(4, seed=5)
+    with torch.inference_mode(), apply(model, schedule) as handle:
+        together = model(pixel_values=x).last_hidden_state
+        source_together = handle.source.clone()
+        for item in range(4):
+            alone = model(pixel_values=x[item : item + 1]).last_hidden_state
+            torch.testing.assert_close(alone[0], together[item], rtol=1e-4, atol=1e-5)
+            assert torch.equal(handle.source[0], source_together[item])
+
+
+def test_other_instances_of_the_class_are_untouched() -> None:
+    patched, untouched = clip_vision(), clip_vision()
+    x = pixels(1)
+    with torch.inference_mode():
+        reference = untouched(pixel_values=x).last_hidden_state
+        with apply(patched, Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=10)):
+            assert patched(pixel_values=x).last_hidden_state.shape[1] == 11
+            assert torch.equal(untouched(pixel_values=x).last_hidden_state, reference)
+
+
+def test_proportional_attention_changes_the_result() -> None:
+    model = clip_vision()
+    x = pixels(2)
+    outs = []
+    for proportional in (False, True):
+        scoring = Scoring(proportional_attention=proportional)
+        schedule = Schedule.preset("first", num_layers=LAYERS, tokens_in=36, tokens_out=12, n=2, scoring=scoring)
+        with torch.inference_mode(), apply(model, schedule):
+            outs.append(model(pixel_values=x).last_hidden_state)
+    assert outs[0].shape == outs[1].shape
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_half_precision_runs_and_keeps_dtype() -> None:
+    model = siglip_vision().to(torch.bfloat16)
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)
+    with torch.inference_mode(), apply(model, schedule) as handle:
+        out = model(pixel_values=pixels(2).to(torch.bfloat16)).last_hidden_state
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 12, 32)
+    assert torch.isfinite(out.float()).all()
+    assert handle.token_counts[-1] == 12
+
+
+def dual_models() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    clip_cfg = CLIPConfig(
+        text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision_config=CLIPVisionConfig(**VISION),
+        projection_dim=16,
+    )
+    siglip_cfg = SiglipConfig(
+        text_config=SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision_config=SiglipVisionConfig(**VISION),
+    )
+    classifier_cfg = CLIPConfig(
+        text_config=clip_cfg.text_config.to_dict(), vision_config=clip_cfg.vision_config.to_dict(), num_labels=3
+    )
+    llava_cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000
+        ),
+        image_token_id=999,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return {
+        "CLIPModel": CLIPModel(clip_cfg).eval(),
+        "SiglipModel": SiglipModel(siglip_cfg).eval(),
+        "CLIPForImageClassification": CLIPForImageClassification(classifier_cfg).eval(),
+        "LlavaForConditionalGeneration": LlavaForConditionalGeneration(llava_cfg).eval(),
+    }
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel", "CLIPForImageClassification"])
+def test_vision_side_of_dual_and_classifier_models(name: str) -> None:
+    model = dual_models()[name]
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=16)
+    x = pixels(2)
+    with torch.inference_mode():
+        native = model.get_image_features(pixel_values=x) if name != "CLIPForImageClassification" else None
+        with apply(model, schedule) as handle:
+            if name == "CLIPForImageClassification":
+                logits = model(pixel_values=x).logits
+                assert logits.shape == (2, 3)
+            else:
+                pruned = model.get_image_features(pixel_values=x)
+                assert pruned.last_hidden_state.shape[1] == 16 + (1 if name == "CLIPModel" else 0)
+                assert not torch.equal(pruned.pooler_output, native.pooler_output)
+        assert handle.token_counts == schedule.tokens_after(36)
+        if native is not None:
+            assert torch.equal(model.get_image_features(pixel_values=x).pooler_output, native.pooler_output)
+
+
+def test_llava_vision_tower_and_the_image_token_rule() -> None:
+    model = dual_models()["LlavaForConditionalGeneration"]
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)
+    x = pixels(1)
+    with torch.inference_mode(), apply(model, schedule) as handle:
+        assert handle.encoder.vision_model is model.model.vision_tower
+        features = model.model.get_image_features(pixel_values=x).pooler_output
+        # Penultimate layer, CLS dropped: the pruned count after layer 4 (index -2).
+        kept = schedule.tokens_after(36)[-2]
+        assert features[0].shape[0] == kept
+        # LLaVA needs exactly that many image tokens in input_ids.
+        input_ids = torch.tensor([[1] + [999] * kept + [5, 6]])
+        out = model(input_ids=input_ids, pixel_values=x, attention_mask=torch.ones_like(input_ids))
+        assert out.logits.shape == (1, kept + 3, 1000)
+
+
+def test_unsupported_model_lists_supported_families() -> None:
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4))
+    with pytest.raises(UnsupportedModelError, match="unsupported model CLIPTextModel; supported: .*CLIPVisionModel"):
+        apply(text, Schedule.none(1, 36))
+    with pytest.raises(UnsupportedModelError, match="SiglipVisionModel.*LlavaForConditionalGeneration"):
+        apply(torch.nn.Linear(2, 2), Schedule.none(1, 36))
+
+
+def test_schedule_that_does_not_fit_is_refused() -> None:
+    model = clip_vision()
+    with pytest.raises(ScheduleError, match="has 4 layers but this clip encoder has 6"):
+        apply(model, Schedule.preset("skip", num_layers=4, tokens_in=36, tokens_out=12))
+    with pytest.raises(ScheduleError, match="expects 49 patch tokens but this clip encoder makes 36"):
+        apply(model, Schedule.preset("skip", num_layers=LAYERS, tokens_in=49, tokens_out=12))
+    with pytest.raises(ScheduleError, match="made for a siglip encoder"):
+        apply(model, Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12, family="siglip"))
+    with pytest.raises(ScheduleError, match="without a CLS token"):
+        apply(model, Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12, has_cls=False))
+
+
+def test_applying_twice_is_refused_and_remove_is_idempotent() -> None:
+    model = clip_vision()
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)
+    handle = apply(model, schedule)
+    with pytest.raises(EvoPruneError, match="already has an EvoPrune schedule"):
+        apply(model, schedule)
+    handle.remove()
+    handle.remove()
+    with apply(model, schedule):
+        pass
+
+
+def test_profile_times_the_merge_steps() -> None:
+    model = clip_vision()
+    with torch.inference_mode(), apply(model, Schedule.preset("skip", num_layers=LAYERS, tokens_in=36,
+                                                               tokens_out=12)) as handle:
+        handle.profile = True
+        model(pixel_values=pixels(1))
+    assert handle.merge_seconds > 0

@@ -1,0 +1,19 @@
+"""LLaVA: the vision tower (CLIP or SigLIP) inside ``LlavaForConditionalGeneration`` / ``LlavaModel``."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel
+
+from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter
+
+
+@register_adapter("llava", ("LlavaForConditionalGeneration (CLIP or SigLIP tower)", "LlavaModel"))
+def resolve(model: nn.Module) -> VisionEncoder | None:
+    if isinstance(model, LlavaForConditionalGeneration):
+        model = model.model
+    if not isinstance(model, LlavaModel):
+        return None
+    from tuner.evoprune.adapters.registry import resolve_encoder
+
+    return resolve_encoder(model.vision_tower)

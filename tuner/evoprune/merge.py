@@ -1,0 +1,297 @@
+"""One EvoPrune merge step: score-guided bipartite matching with size-weighted merging.
+
+Pure tensor code with no model knowledge (the method doc, sections 3 and 4). Every function works on the *patch*
+tokens of one layer for a batch of items; each item is matched and merged on its own, so an item's result never
+depends on the other items of the batch. The caller keeps CLS (or any other special token) out of these tensors.
+
+Shapes: ``B`` items, ``T`` patch tokens, ``C`` channels, ``D`` feature channels, ``N0`` original patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tuner.evoprune.scoring import Scoring
+
+# (1 + cos) / 2 is 0 for opposite tokens; the floor keeps log() finite so that w_sim * log(.) never meets 0 * -inf.
+_SIMILARITY_FLOOR = 1e-6
+
+
+@dataclass
+class TokenState:
+    """What the merge steps of one forward carry from layer to layer, for the patch tokens only.
+
+    Attributes:
+        sizes: ``[B, T]`` float32, how many original patches each token stands for (1 at the start).
+        source: ``[B, N0]`` int64, for every original patch the index of the token that now covers it.
+        first_patch: ``[B, T]`` int64, the smallest original patch index a token covers; it orders the tokens.
+            It could be derived from ``source`` but carrying it costs one gather per step instead of a scatter.
+    """
+
+    sizes: torch.Tensor
+    source: torch.Tensor
+    first_patch: torch.Tensor
+
+    @classmethod
+    def start(cls, batch_size: int, num_patches: int, device: torch.device | str) -> TokenState:
+        """The state before any merge: every token is one patch."""
+        index = torch.arange(num_patches, device=device).expand(batch_size, num_patches).contiguous()
+        sizes = torch.ones(batch_size, num_patches, device=device, dtype=torch.float32)
+        return cls(sizes=sizes, source=index, first_patch=index.clone())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.shape[1])
+
+
+def attention_received(attention_probs: torch.Tensor) -> torch.Tensor:
+    """Attention each token *receives*: the column mean of the softmax matrix, averaged over heads.
+
+    The paper prints the row mean, which is constantly ``1 / N`` because softmax rows sum to 1 (method doc, 4).
+
+    Args:
+        attention_probs: ``[B, H, N, N]`` softmax probabilities (queries on dim 2, keys on dim 3).
+
+    Returns:
+        ``[B, N]`` float32, scaled by ``N`` so that its mean over the tokens is 1.
+
+    Example:
+        >>> probs = torch.softmax(torch.randn(1, 2, 5, 5), dim=-1)
+        >>> attention_received(probs).mean().item()  # doctest: +ELLIPSIS
+        1.0...
+    """
+    num_tokens = attention_probs.shape[-1]
+    return attention_probs.float().mean(dim=(1, 2)) * num_tokens
+
+
+def knn_distinctiveness(
+    cosine: torch.Tensor, knn_k: int, tau: float | str = "auto"
+) -> torch.Tensor:
+    """Local distinctiveness ``d_i = 1 - mean_k exp(-||v_i - v_k||^2 / tau^2)`` over the K nearest neighbours.
+
+    Uses the cosine matrix of L2-normalised features, where ``||u - v||^2 = 2 - 2 cos(u, v)``, so the similarity
+    matrix of the step serves both terms.
+
+    Args:
+        cosine: ``[B, T, T]`` cosine similarities between the tokens of each item.
+        knn_k: K; capped at ``T - 1``.
+        tau: a positive number, or ``"auto"`` for the median kNN distance of each item.
+
+    Returns:
+        ``[B, T]`` float32 in [0, 1); high means a unique token.
+    """
+    num_tokens = cosine.shape[-1]
+    k = min(knn_k, num_tokens - 1)
+    if k < 1:
+        return torch.zeros(cosine.shape[:2], device=cosine.device, dtype=torch.float32)
+    self_mask = torch.eye(num_tokens, dtype=torch.bool, device=cosine.device)
+    neighbour_cos = cosine.float().masked_fill(self_mask, -2.0).topk(k, dim=-1).values
+    squared_distance = (2.0 - 2.0 * neighbour_cos).clamp_min(0.0)
+    if tau == "auto":
+        # Per item, so that an item's result never depends on the others in its batch.
+        tau_value = squared_distance.sqrt().flatten(1).median(dim=1).values.view(-1, 1, 1)
+        tau_squared = tau_value.square().clamp_min(1e-12)
+    else:
+        tau_squared = torch.tensor(float(tau) ** 2, device=cosine.device)
+    return 1.0 - torch.exp(-squared_distance / tau_squared).mean(dim=-1)
+
+
+def _rank_descending(values: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along dim 1, 0 for the largest; ties go to the lower index."""
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+    return ranks
+
+
+def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CTR hard protection: which tokens of set A and set B may neither merge nor receive.
+
+    The top ``min(floor(ctr * T), T - 2 r)`` tokens by attention received are protected (method doc, 4). So that the
+    step always removes exactly ``r`` tokens (every item of a batch keeps the same length), protection inside A is
+    further capped at ``|A| - r`` tokens and inside B at ``|B| - 1``, dropping the least important protected ones.
+
+    Args:
+        importance: ``[B, T]`` attention received by each patch token.
+        ctr: share of tokens to protect, in [0, 1).
+        remove: r, the number of tokens this step removes.
+
+    Returns:
+        ``(protected_a, protected_b)``: bool masks ``[B, |A|]`` and ``[B, |B|]``.
+    """
+    batch, num_tokens = importance.shape
+    num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
+    num_protect = max(0, min(int(ctr * num_tokens), num_tokens - 2 * remove))
+    protected = _rank_descending(importance) < num_protect
+    masks = []
+    for parity, limit in ((0, num_a - remove), (1, num_b - 1)):
+        # The protected tokens of one set are that set's most important ones, so a cap keeps the top ``limit``.
+        count = protected[:, parity::2].sum(dim=1, keepdim=True).clamp(max=max(limit, 0))
+        masks.append(_rank_descending(importance[:, parity::2]) < count)
+    return masks[0], masks[1]
+
+
+def match(
+    features: torch.Tensor,
+    remove: int,
+    scoring: Scoring,
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose which A tokens fold into which B tokens (bipartite matching on the EvoPrune score).
+
+    Set A holds patch tokens 0, 2, 4, ..., set B tokens 1, 3, 5, ... Each A token picks its best B partner under
+    ``log Score``; the ``remove`` A tokens with the highest best score are merged.
+
+    Args:
+        features: ``[B, T, D]`` token features (keys averaged over heads, or hidden states).
+        remove: r, at most ``T // 2``.
+        scoring: the weights, CTR and kNN settings.
+        importance: ``[B, T]`` attention received (mean 1); required when ``scoring.needs_attention``.
+
+    Returns:
+        ``(src, dst)``: ``[B, r]`` indices into A of the tokens that merge, and ``[B, r]`` indices into B of
+        the tokens they merge into. ``src`` is ordered by decreasing score.
+    """
+    num_tokens = features.shape[1]
+    if not 0 < remove <= num_tokens // 2:
+        raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
+    normed = F.normalize(features.float(), dim=-1)
+    if scoring.w_div > 0:
+        cosine = normed @ normed.transpose(1, 2)
+        cosine_ab = cosine[:, 0::2, 1::2]
+    else:
+        cosine_ab = normed[:, 0::2] @ normed[:, 1::2].transpose(1, 2)
+
+    if scoring.w_sim > 0:
+        log_score = scoring.w_sim * torch.log(((1.0 + cosine_ab) * 0.5).clamp_min(_SIMILARITY_FLOOR))
+    else:
+        log_score = torch.zeros_like(cosine_ab)
+
+    # Penalties of one token: -w_div * d - w_attn * s~. The A token's part does not change its choice of partner,
+    # so it is added after the argmax; the B token's part is added before.
+    penalty = torch.zeros(features.shape[:2], device=features.device, dtype=torch.float32)
+    if scoring.w_div > 0:
+        penalty = penalty + scoring.w_div * knn_distinctiveness(cosine, scoring.knn_k, scoring.tau)
+    if scoring.needs_attention:
+        if importance is None:
+            raise ValueError("these scoring settings need the attention received by each token")
+        if scoring.w_attn > 0:
+            penalty = penalty + scoring.w_attn * importance.float()
+
+    log_score = log_score - penalty[:, None, 1::2]
+    if scoring.ctr > 0:
+        assert importance is not None
+        protected_a, protected_b = protected_tokens(importance, scoring.ctr, remove)
+        # A mask, not a multiplication: a negative log score times -inf would be +inf.
+        log_score = log_score.masked_fill(protected_b[:, None, :], float("-inf"))
+    best_score, best_partner = log_score.max(dim=-1)
+    best_score = best_score - penalty[:, 0::2]
+    if scoring.ctr > 0:
+        best_score = best_score.masked_fill(protected_a, float("-inf"))
+
+    order = torch.argsort(best_score, dim=-1, descending=True, stable=True)
+    src = order[:, :remove]
+    dst = best_partner.gather(1, src)
+    return src, dst
+
+
+def merge(
+    hidden: torch.Tensor, state: TokenState, src: torch.Tensor, dst: torch.Tensor
+) -> tuple[torch.Tensor, TokenState]:
+    """Fold the A tokens ``src`` into the B tokens ``dst`` by size-weighted mean; keep the original order.
+
+    ``b <- (size_b * b + sum size_i * a_i) / (size_b + sum size_i)``; sizes add up. Tokens that take no part pass
+    through bit-identical. The remaining tokens are ordered by the smallest original patch they cover.
+
+    Args:
+        hidden: ``[B, T, C]`` patch tokens.
+        state: sizes, source map and order keys of these tokens.
+        src: ``[B, r]`` indices into A (even positions) of the tokens that merge.
+        dst: ``[B, r]`` indices into B (odd positions) of the tokens they merge into.
+
+    Returns:
+        The ``[B, T - r, C]`` merged tokens and the updated state.
+    """
+    batch, num_tokens, channels = hidden.shape
+    num_b = num_tokens // 2
+    remove = src.shape[1]
+    device = hidden.device
+    src_pos, dst_pos = 2 * src, 2 * dst + 1
+
+    # Weighted sums in float32: sizes reach hundreds and fp16 hidden states would overflow.
+    src_sizes = state.sizes.gather(1, src_pos)
+    src_values = hidden.gather(1, src_pos[..., None].expand(-1, -1, channels)).float() * src_sizes[..., None]
+    added_values = torch.zeros(batch, num_b, channels, device=device, dtype=torch.float32)
+    added_values.scatter_add_(1, dst[..., None].expand(-1, -1, channels), src_values)
+    added_sizes = torch.zeros(batch, num_b, device=device, dtype=torch.float32).scatter_add_(1, dst, src_sizes)
+
+    b_sizes = state.sizes[:, 1::2]
+    b_values = hidden[:, 1::2]
+    new_b_sizes = b_sizes + added_sizes
+    merged_b = ((b_values.float() * b_sizes[..., None] + added_values) / new_b_sizes[..., None]).to(hidden.dtype)
+    merged_b = torch.where((added_sizes > 0)[..., None], merged_b, b_values)
+
+    hidden = hidden.clone()
+    hidden[:, 1::2] = merged_b
+    sizes = state.sizes.clone()
+    sizes[:, 1::2] = new_b_sizes
+    first_patch = state.first_patch.clone()
+    first_patch[:, 1::2] = first_patch[:, 1::2].scatter_reduce(
+        1, dst, state.first_patch.gather(1, src_pos), reduce="amin"
+    )
+
+    # Keep every position but the merged A ones, in the order of the first patch each token covers.
+    # (A sort key rather than nonzero(): no host synchronisation on a GPU.)
+    order_key = first_patch.scatter(1, src_pos, torch.iinfo(torch.long).max)
+    kept_pos = torch.argsort(order_key, dim=1)[:, : num_tokens - remove]
+
+    new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    new_index.scatter_(1, kept_pos, torch.arange(num_tokens - remove, device=device).expand_as(kept_pos))
+    new_index.scatter_(1, src_pos, new_index.gather(1, dst_pos))
+
+    merged = hidden.gather(1, kept_pos[..., None].expand(-1, -1, channels))
+    new_state = TokenState(
+        sizes=sizes.gather(1, kept_pos),
+        source=new_index.gather(1, state.source),
+        first_patch=first_patch.gather(1, kept_pos),
+    )
+    return merged, new_state
+
+
+def merge_step(
+    hidden: torch.Tensor,
+    features: torch.Tensor,
+    state: TokenState,
+    remove: int,
+    scoring: Scoring,
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TokenState]:
+    """Score, match and merge: one EvoPrune step on the patch tokens of a batch.
+
+    Args:
+        hidden: ``[B, T, C]`` patch tokens to merge.
+        features: ``[B, T, D]`` features the similarity and kNN terms use.
+        state: the carried sizes, source map and order keys.
+        remove: r, how many tokens this step removes (0 returns the inputs).
+        scoring: the scoring settings.
+        importance: ``[B, T]`` attention received (mean 1), needed when ``scoring.needs_attention``.
+
+    Returns:
+        ``[B, T - r, C]`` tokens and the new state.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> x = torch.randn(2, 8, 4)
+        >>> state = TokenState.start(2, 8, "cpu")
+        >>> out, state = merge_step(x, x, state, 3, Scoring(w_div=0.0, ctr=0.0))
+        >>> tuple(out.shape), state.sizes.sum(dim=1).tolist()
+        ((2, 5, 4), [8.0, 8.0])
+    """
+    if remove == 0:
+        return hidden, state
+    src, dst = match(features, remove, scoring, importance)
+    return merge(hidden, state, src, dst)
