@@ -64,7 +64,8 @@ def attention_received(attention_probs: torch.Tensor) -> torch.Tensor:
         1.0...
     """
     num_tokens = attention_probs.shape[-1]
-    return attention_probs.float().mean(dim=(1, 2)) * num_tokens
+    # Reduce with a float32 accumulator instead of copying the whole [B, H, N, N] matrix to float32.
+    return attention_probs.mean(dim=(1, 2), dtype=torch.float32) * num_tokens
 
 
 def knn_distinctiveness(
@@ -198,6 +199,23 @@ def match(
     return src, dst
 
 
+def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Row numbers in a ``[B * length, ...]`` view of per-item indices ``[B, K]``, flattened."""
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * length
+    return (index + offsets).flatten()
+
+
+def _take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, index[b]]`` for every item: ``[B, T, C]`` and ``[B, K]`` give ``[B, K, C]``.
+
+    One index_select on the flattened batch: on a CPU it is about ten times faster than ``gather`` with an index
+    expanded over the channels, which matters for small encoders where a merge step competes with tiny layers.
+    """
+    batch, length, channels = tokens.shape
+    rows = tokens.reshape(batch * length, channels).index_select(0, _flat_rows(index, length))
+    return rows.view(batch, index.shape[1], channels)
+
+
 def merge(
     hidden: torch.Tensor, state: TokenState, src: torch.Tensor, dst: torch.Tensor
 ) -> tuple[torch.Tensor, TokenState]:
@@ -223,9 +241,10 @@ def merge(
 
     # Weighted sums in float32: sizes reach hundreds and fp16 hidden states would overflow.
     src_sizes = state.sizes.gather(1, src_pos)
-    src_values = hidden.gather(1, src_pos[..., None].expand(-1, -1, channels)).float() * src_sizes[..., None]
-    added_values = torch.zeros(batch, num_b, channels, device=device, dtype=torch.float32)
-    added_values.scatter_add_(1, dst[..., None].expand(-1, -1, channels), src_values)
+    src_values = _take_tokens(hidden, src_pos).float() * src_sizes[..., None]
+    added_values = torch.zeros(batch * num_b, channels, device=device, dtype=torch.float32)
+    added_values.index_add_(0, _flat_rows(dst, num_b), src_values.view(-1, channels))
+    added_values = added_values.view(batch, num_b, channels)
     added_sizes = torch.zeros(batch, num_b, device=device, dtype=torch.float32).scatter_add_(1, dst, src_sizes)
 
     b_sizes = state.sizes[:, 1::2]
@@ -252,7 +271,7 @@ def merge(
     new_index.scatter_(1, kept_pos, torch.arange(num_tokens - remove, device=device).expand_as(kept_pos))
     new_index.scatter_(1, src_pos, new_index.gather(1, dst_pos))
 
-    merged = hidden.gather(1, kept_pos[..., None].expand(-1, -1, channels))
+    merged = _take_tokens(hidden, kept_pos)
     new_state = TokenState(
         sizes=sizes.gather(1, kept_pos),
         source=new_index.gather(1, state.source),
