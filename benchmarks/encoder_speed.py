@@ -68,12 +68,22 @@ def schedules(num_layers: int, tokens_in: int, family: str, has_cls: bool) -> li
     return plans
 
 
+def cpu_name() -> str:
+    """The CPU model and core count, for the table's header."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(args.threads)
     names = list(ENCODERS) if args.full else [n for n in ENCODERS if not n.startswith("SigLIP")]
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"# machine: {machine}; {args.threads} CPU threads; torch {torch.__version__}; {args.dtype}; batch "
         f"{args.batch}; {args.repeats} interleaved rounds, medians"

@@ -100,14 +100,6 @@ def knn_distinctiveness(
     return 1.0 - torch.exp(-squared_distance / tau_squared).mean(dim=-1)
 
 
-def _rank_descending(values: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along dim 1, 0 for the largest; ties go to the lower index."""
-    order = torch.argsort(values, dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
-    return ranks
-
-
 def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CTR hard protection: which tokens of set A and set B may neither merge nor receive.
 
@@ -126,13 +118,17 @@ def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple
     batch, num_tokens = importance.shape
     num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
     num_protect = max(0, min(int(ctr * num_tokens), num_tokens - 2 * remove))
-    protected = _rank_descending(importance) < num_protect
-    masks = []
-    for parity, limit in ((0, num_a - remove), (1, num_b - 1)):
-        # The protected tokens of one set are that set's most important ones, so a cap keeps the top ``limit``.
-        count = protected[:, parity::2].sum(dim=1, keepdim=True).clamp(max=max(limit, 0))
-        masks.append(_rank_descending(importance[:, parity::2]) < count)
-    return masks[0], masks[1]
+    protected = torch.zeros(batch, num_tokens, dtype=torch.bool, device=importance.device)
+    if num_protect > 0:
+        # The candidates, most important first (ties to the lower index); walking them in that order, a token is
+        # kept protected while its own set is under its cap.
+        candidates = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :num_protect]
+        in_b = candidates % 2
+        rank_in_b = in_b.cumsum(dim=1) - 1
+        rank_in_a = (1 - in_b).cumsum(dim=1) - 1
+        keep = torch.where(in_b.bool(), rank_in_b < num_b - 1, rank_in_a < num_a - remove)
+        protected.scatter_(1, candidates, keep)
+    return protected[:, 0::2], protected[:, 1::2]
 
 
 def match(
