@@ -1,25 +1,665 @@
-"""The ``tuner`` command line."""
+"""The ``tuner`` command line: run, export, plot, studies, apply, spaces, schema.
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix, no traceback, nothing stored is
+lost); 3 no schedule meets the budget (the closest is shown, the plot is still written); 130 interrupted (what is
+stored is kept; the same command resumes).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     name="tuner",
-    help="Search the best EvoPrune token-merging schedule for a vision encoder under a latency budget, and export it.",
+    help=(
+        "Search the best EvoPrune token-merging schedule of a vision encoder under a latency budget, and export it.\n\n"
+        "Start with: python -m tuner run --budget 50ms  (offline demo; writes studies/tuner.db, "
+        "studies/<study>/best.json and studies/<study>/pareto.html)."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
+EXIT_BAD_INPUT = 2
+EXIT_NO_FEASIBLE = 3
+EXIT_INTERRUPTED = 130
 
-def fail(message: str, code: int = 2) -> None:
+DEFAULT_TRIALS = 200
+"""Trials of a default run: on the demo, about 0.8 s each on 2 CPU cores (about 3.5 minutes for the whole run)."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Prefer(str, Enum):
+    """Which feasible Pareto-optimal schedule to export."""
+
+    accurate = "accurate"
+    fast = "fast"
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """Print a one-line error (no traceback) and exit."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from evaluators import EvaluatorError
+    from search_spaces import SearchSpaceError
+    from tuner.evoprune.errors import EvoPruneError
+    from tuner.study import TunerError
+
+    return (EvoPruneError, EvaluatorError, SearchSpaceError, TunerError)
+
+
+def one_line_errors(command: F) -> F:
+    """Decorator: the project's bad-input errors end the command with one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except _bad_input_errors() as error:
+            fail(" ".join(str(error).split()))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # logs and pipes: no wrapping of schedule summaries
+    return console
+
+
+@contextlib.contextmanager
+def _quiet_libraries(storage: str | None = None) -> Iterator[None]:
+    """Optuna logs (with tracebacks) and library warnings stay out of the tuner's output; with ``storage``, database
+    errors inside the block become one-line :class:`~tuner.study.StorageError`."""
+    import warnings
+
+    import optuna
+
+    from tuner.study import storage_errors
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings(), storage_errors(storage) if storage else contextlib.nullcontext():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------- run
+
+
+@app.command()
+@one_line_errors
+def run(
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="Latency budget: a time (50ms, 0.05s), a speed-up over the unpruned model (2x) or a share of its "
+            "latency (60%). Per batch of --batch-size, for the evaluator's timed vision path."
+        ),
+    ],
+    trials: Annotated[
+        int,
+        typer.Option(help="Finished trials the study should hold; a resumed study runs only the missing ones.", min=1),
+    ] = DEFAULT_TRIALS,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop searching after this many seconds (resume later with the same command).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed: the same seed gives the same trials and export.")] = 0,
+    sampler: Annotated[
+        str, typer.Option(help="Optuna sampler: tpe (default), nsga2, gp (slow per trial) or random.")
+    ] = "tpe",
+    storage: Annotated[
+        str,
+        typer.Option(help="Optuna storage URL (any SQLAlchemy URL; the SQLite file and its folder are created)."),
+    ] = "sqlite:///studies/tuner.db",
+    study: Annotated[
+        str | None,
+        typer.Option(help="Study name; default from model, task, device and budget (e.g. demo-cpu-50ms)."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model folder or hub id; without it the offline demo model is tuned.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset (folder, file or hub id) for the fidelity/zeroshot evaluators.")
+    ] = None,
+    evaluator: Annotated[
+        str | None,
+        typer.Option(
+            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot."
+        ),
+    ] = None,
+    calib: Annotated[
+        int | None, typer.Option(help="Calibration items scored per trial (default: the evaluator's).")
+    ] = None,
+    holdout: Annotated[
+        int | None, typer.Option(help="Held-out items that validate the final choice (default: the evaluator's).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Items per forward, for accuracy and latency alike.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when a GPU is here).")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Model dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    ] = "auto",
+    space: Annotated[str, typer.Option(help="Search space (see `tuner spaces`).")] = "family",
+    prefer: Annotated[
+        Prefer, typer.Option(help="Which feasible Pareto-optimal schedule to export: most accurate or fastest.")
+    ] = Prefer.accurate,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs of each trial's latency measurement (for the record and the plot).", min=1)
+    ] = 20,
+    final_repeats: Annotated[
+        int, typer.Option(help="Timed runs of the calibration and of the final interleaved re-measurements.", min=1)
+    ] = 20,
+    recalibrate: Annotated[
+        bool, typer.Option(help="Measure the latency model afresh instead of reusing this machine's cached one.")
+    ] = False,
+) -> None:
+    """Search schedules under a latency budget; write studies/<study>/best.json and pareto.html.
+
+    Maximises accuracy and minimises latency (Optuna, multi-objective, budget as a constraint). An existing study with
+    the same settings resumes; one with other settings is refused. Exit 3 when no schedule meets the budget.
+    """
+    from evaluators import LatencyMeter, get_evaluator, parse_budget
+    from evaluators.loading import resolve_device, resolve_dtype
+    from search_spaces import get_space
+    from tuner.progress import RunProgress
+    from tuner.study import (
+        SAMPLERS,
+        RunOptions,
+        StudyRunner,
+        TunerError,
+        create_or_resume,
+        default_study_name,
+        evaluator_dtype,
+        open_storage,
+        public_url,
+        resolve_device_name,
+        stop_on_interrupt,
+        trial_records,
+        tune_allocator,
+    )
+
+    tune_allocator()
+    options = RunOptions(
+        budget=budget, trials=trials, timeout=timeout, seed=seed, sampler=sampler, storage=storage, study=study,
+        model=model, dataset=dataset, evaluator=evaluator, calib=calib, holdout=holdout, batch_size=batch_size,
+        device=device, dtype=dtype, space=space, repeats=repeats, final_repeats=final_repeats, recalibrate=recalibrate,
+    )  # fmt: skip
+    parsed_budget = parse_budget(budget)
+    get_space(space)
+    if sampler not in SAMPLERS:
+        raise TunerError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+    evaluator_cls = get_evaluator(options.evaluator_name)
+    resolve_dtype(dtype, resolve_device(resolve_device_name(device)))
+    if timeout is not None and timeout <= 0:
+        raise TunerError(f"--timeout must be a number of seconds > 0, got {timeout:g}")
+    console = _console()
+    progress = RunProgress(console)
+    study_name = study or default_study_name(
+        model, options.evaluator_name, dataset, resolve_device_name(device), parsed_budget
+    )
+    with _quiet_libraries(storage):
+        storage_backend = open_storage(storage)
+        progress.note(f"loading the {options.evaluator_name} evaluator (model and data)")
+        build: Callable[..., Any] = evaluator_cls
+        task = build(**options.evaluator_args(), seed=0)
+        resume_hint = _resume_command(options, study_name)
+        runner: StudyRunner | None = None
+        try:
+            context, resumed = create_or_resume(
+                storage_backend, storage, study_name, options, task, parsed_budget, progress.note
+            )
+            records = trial_records(context.study)
+            progress.note(
+                f"{'resuming' if resumed else 'created'} study {study_name!r} in {public_url(storage)}: "
+                f"{len(records)} finished trials, budget {parsed_budget} = {context.budget_ms():.2f} ms "
+                f"(unpruned {context.latency_model.baseline_ms:.2f} ms at batch size {task.batch_size})"
+            )
+            meter = LatencyMeter(task.device, repeats=repeats, warmup=1, dtype=evaluator_dtype(task))
+            runner = StudyRunner(context, task, meter, sampler, seed, on_trial=progress.trial)
+            if len(records) >= trials:
+                held = f"the study already holds {len(records)} finished trials (--trials {trials})"
+                progress.note(f"{held}; raise --trials to search more")
+            else:
+                progress.start(trials, records)
+                try:
+                    with stop_on_interrupt(context.study, progress.note) as stop:
+                        runner.run(trials, timeout)
+                finally:
+                    progress.stop()
+                if stop.requested:
+                    _report_interrupt(storage, study_name, resume_hint, "the running trial was finished first")
+                    raise typer.Exit(EXIT_INTERRUPTED)
+            code = _finish(context, task, parsed_budget, prefer.value, final_repeats, progress, console)
+        except KeyboardInterrupt:
+            progress.stop()
+            if runner is not None:
+                runner.fail_unfinished()
+            _report_interrupt(storage, study_name, resume_hint, "the running trial is marked failed")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if code:
+        raise typer.Exit(code)
+
+
+def _resume_command(options: Any, study_name: str) -> str:
+    """The command that resumes this run: the study, its storage and every setting that defines it."""
+    import shlex
+
+    words = ["python", "-m", "tuner", "run", "--budget", options.budget, "--study", study_name]
+    defaults = {"storage": "sqlite:///studies/tuner.db", "space": "family", "device": "auto", "dtype": "auto"}
+    for name in ("storage", "model", "dataset", "evaluator", "calib", "holdout", "batch_size", "space", "device",
+                 "dtype"):  # fmt: skip
+        value = getattr(options, name)
+        if value is not None and value != defaults.get(name):
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    words += ["--trials", str(options.trials)]
+    return shlex.join(words)
+
+
+def _report_interrupt(storage: str, study_name: str, resume_hint: str, running: str) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuner.study import public_url
+
+    finished = "some"
+    with contextlib.suppress(Exception):
+        loaded = optuna.load_study(study_name=study_name, storage=storage)
+        finished = str(len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+    typer.echo(
+        f"interrupted: {finished} finished trials of study {study_name!r} are stored in {public_url(storage)} "
+        f"({running}); resume with: {resume_hint}",
+        err=True,
+    )
+
+
+def _finish(
+    context: Any, task: Any, budget: Any, prefer: str, final_repeats: int, progress: Any, console: Console
+) -> int:
+    """Select, validate and export; write the plot. Returns the exit code (0, or 3 without a feasible schedule)."""
+    from evaluators import LatencyMeter
+    from tuner.export import exported_schedule, select_schedule, write_export
+    from tuner.progress import selection_table
+    from tuner.study import evaluator_dtype, output_dir
+
+    meter = LatencyMeter(task.device, repeats=final_repeats, warmup=3, dtype=evaluator_dtype(task))
+    selection = select_schedule(context, task, meter, budget=budget, prefer=prefer, note=progress.note)  # type: ignore[arg-type]
+    folder = output_dir(context.name)
+    plot_path = _write_plot(context, folder / "pareto.html", selection)
+    if selection.finalists:
+        console.print(selection_table(selection))
+    for line in selection.notes:
+        progress.note(line)
+    if selection.chosen is None:
+        _report_no_feasible(selection, console)
+        console.print(f"plot: {plot_path}")
+        return EXIT_NO_FEASIBLE
+    schedule = exported_schedule(selection, context, task, meter)
+    best_path = write_export(schedule, folder / "best.json")
+    metrics = schedule.metrics
+    console.print(
+        f"chosen: trial {selection.chosen.record.number}: {schedule.describe()}\n"
+        f"  accuracy calib {metrics['accuracy_calib']:.4f}, held-out {metrics['accuracy_holdout']:.4f} "
+        f"(unpruned {metrics['accuracy_holdout_unpruned']:.4f}); latency {metrics['latency_ms_measured']['median']:.2f}"
+        f" ms re-measured (budget {metrics['budget_ms']:.2f} ms, unpruned {metrics['baseline_ms']:.2f} ms, "
+        f"{metrics['speedup_measured']:.2f}x)\n"
+        f"schedule: {best_path}\nplot: {plot_path}"
+    )
+    return 0
+
+
+def _report_no_feasible(selection: Any, console: Console) -> None:
+    from tuner.export import Finalist
+
+    closest = selection.closest
+    console.print(f"[bold red]no schedule meets the budget {selection.budget}[/bold red]")
+    if isinstance(closest, Finalist) and closest.measured is not None and closest.limit_ms is not None:
+        console.print(
+            f"closest: trial {closest.record.number}: {closest.record.summary}: {closest.measured.median_ms:.2f} ms "
+            f"re-measured, {closest.excess_ms:.2f} ms over {closest.limit_ms:.2f} ms; accuracy "
+            f"{closest.record.accuracy:.4f}"
+        )
+    elif closest is not None:
+        console.print(
+            f"closest: trial {closest.number}: {closest.summary}: {closest.latency_ms:.2f} ms predicted, "
+            f"{closest.latency_ms - selection.budget_ms:.2f} ms over {selection.budget_ms:.2f} ms; accuracy "
+            f"{closest.accuracy:.4f}"
+        )
+    console.print("loosen the budget (e.g. a larger --budget), or widen the search (--trials, --space keep_ratios)")
+
+
+def _write_plot(context: Any, path: Path, selection: Any | None) -> Path:
+    from tuner.export import pareto_front
+    from tuner.plots import pareto_figure, write_pareto_html
+    from tuner.study import ATTR_FINAL, trial_records
+
+    front = {r.number for r in pareto_front(trial_records(context.study), context.budget_ms())}
+    if selection is not None:
+        chosen = selection.chosen.record.number if selection.chosen else None
+    else:
+        final = context.study.user_attrs.get(ATTR_FINAL) or {}
+        chosen = final.get("chosen_trial") if final.get("budget") == context.settings["budget"] else None
+    return write_pareto_html(pareto_figure(context, front, chosen), path)
+
+
+def _open_context(storage: str, study: str | None) -> Any:
+    from tuner.study import StudyContext, load_study, open_storage
+
+    backend = open_storage(storage, create=False)
+    return StudyContext.load(load_study(backend, storage, study), storage)
+
+
+# ------------------------------------------------------------------------------------------------- export and plot
+
+
+StudyOption = Annotated[
+    str | None, typer.Option(help="Study name (see `tuner studies`); optional when the storage holds only one.")
+]
+StorageOption = Annotated[str, typer.Option(help="Optuna storage URL.")]
+
+
+@app.command()
+@one_line_errors
+def export(
+    study: StudyOption = None,
+    storage: StorageOption = "sqlite:///studies/tuner.db",
+    budget: Annotated[
+        str | None, typer.Option(help="Choose for another budget than the study's (50ms, 2x, 60%).")
+    ] = None,
+    prefer: Annotated[Prefer, typer.Option(help="Most accurate or fastest feasible schedule.")] = Prefer.accurate,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File to write; default studies/<study>/best.json (best-<budget>.json with --budget).",
+        ),
+    ] = None,
+    final_repeats: Annotated[int, typer.Option(help="Timed runs of each interleaved re-measurement.", min=1)] = 20,
+) -> None:
+    """Choose a stored study's schedule for a budget, validate it (held-out slice, re-measured latency), write JSON.
+
+    Rebuilds the study's evaluator (same model, data and device). Exit 3 when no schedule meets the budget.
+    """
+    from evaluators import LatencyMeter, parse_budget
+    from tuner.export import exported_schedule, select_schedule, write_export
+    from tuner.progress import RunProgress, selection_table
+    from tuner.study import evaluator_dtype, evaluator_from_context, output_dir, tune_allocator
+
+    tune_allocator()
+    chosen_budget = parse_budget(budget) if budget is not None else None
+    console = _console()
+    progress = RunProgress(console, live=False)
+    with _quiet_libraries(storage):
+        context = _open_context(storage, study)
+        progress.note(f"loading the {context.meta['evaluator']} evaluator of study {context.name!r}")
+        task = evaluator_from_context(context)
+        meter = LatencyMeter(task.device, repeats=final_repeats, warmup=3, dtype=evaluator_dtype(task))
+        selection = select_schedule(
+            context,
+            task,
+            meter,
+            budget=chosen_budget,
+            prefer=prefer.value,
+            note=progress.note,  # type: ignore[arg-type]
+        )
+    if selection.finalists:
+        console.print(selection_table(selection))
+    for line in selection.notes:
+        progress.note(line)
+    if selection.chosen is None:
+        _report_no_feasible(selection, console)
+        raise typer.Exit(EXIT_NO_FEASIBLE)
+    if output is None:
+        name = "best.json" if chosen_budget is None else f"best-{str(chosen_budget).replace('%', 'pct')}.json"
+        output = output_dir(context.name) / name
+    schedule = exported_schedule(selection, context, task, meter)
+    path = write_export(schedule, output)
+    console.print(f"chosen: trial {selection.chosen.record.number}: {schedule.describe()}\nschedule: {path}")
+
+
+@app.command()
+@one_line_errors
+def plot(
+    study: StudyOption = None,
+    storage: StorageOption = "sqlite:///studies/tuner.db",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HTML file to write; default studies/<study>/pareto.html.")
+    ] = None,
+) -> None:
+    """Write a study's Pareto plot (accuracy vs latency, budget line, baseline) as self-contained HTML."""
+    from tuner.study import output_dir
+
+    with _quiet_libraries(storage):
+        context = _open_context(storage, study)
+        path = _write_plot(context, output or output_dir(context.name) / "pareto.html", None)
+    typer.echo(f"plot: {path}")
+
+
+@app.command()
+@one_line_errors
+def studies(storage: StorageOption = "sqlite:///studies/tuner.db") -> None:
+    """List the studies in a storage: trials, budget, best feasible schedule."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuner.study import ATTR_SETTINGS, open_storage, public_url, trial_records
+
+    with _quiet_libraries(storage):
+        backend = open_storage(storage, create=False)
+        summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
+        table = Table(title=f"studies in {public_url(storage)}")
+        for header in ("study", "trials", "budget", "best feasible (accuracy @ predicted ms)", "schedule"):
+            table.add_column(header)
+        for summary in sorted(summaries, key=lambda s: s.study_name):
+            loaded = optuna.load_study(study_name=summary.study_name, storage=backend)
+            trials = loaded.get_trials(deepcopy=False)
+            complete = sum(trial.state == TrialState.COMPLETE for trial in trials)
+            settings = loaded.user_attrs.get(ATTR_SETTINGS) or {}
+            feasible = [r for r in trial_records(loaded) if r.feasible]
+            best = min(feasible, key=lambda r: (-r.accuracy, r.latency_ms, r.number)) if feasible else None
+            table.add_row(
+                summary.study_name,
+                f"{complete} finished / {len(trials)}",
+                str(settings.get("budget", "-")),
+                f"trial {best.number}: {best.accuracy:.4f} @ {best.latency_ms:.2f} ms" if best else "none",
+                best.summary if best else "",
+            )
+    console = _console()
+    if summaries:
+        console.print(table)
+    else:
+        console.print(f"no studies in {public_url(storage)}; start one with: python -m tuner run --budget 50ms")
+
+
+# ------------------------------------------------------------------------------------------------------------ apply
+
+
+@app.command(name="apply")
+@one_line_errors
+def apply_command(
+    schedule: Annotated[Path, typer.Option(help="Schedule JSON (e.g. studies/<study>/best.json).")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model folder or hub id; default: the schedule's model (provenance), else the demo model."),
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Image to run (repeated to the batch size); default: the task's own inputs.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size of the timing; default: the study's (from the schedule).", min=1)
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    repeats: Annotated[int, typer.Option(help="Timed runs of the interleaved before/after measurement.", min=1)] = 20,
+) -> None:
+    """Apply a schedule to a model: tokens per layer, latency before and after, and whether its budget is met.
+
+    Exit 3 when the latency budget stored in the schedule's metrics is not met.
+    """
+    import torch
+
+    from evaluators import LatencyMeter, parse_budget
+    from evaluators.loading import resolve_device
+    from tuner.evoprune import Schedule, apply
+    from tuner.study import resolve_device_name, tune_allocator
+
+    tune_allocator()
+    loaded = Schedule.load(schedule)
+    provenance, metrics = loaded.provenance, loaded.metrics
+    found = provenance.get("evaluator_settings")
+    settings: dict[str, Any] = found if isinstance(found, dict) else {}
+    model_name = model or (settings.get("model") if settings.get("model") not in (None, "tuner.demo") else None)
+    size = batch_size or _positive_int(provenance.get("batch_size")) or _positive_int(settings.get("batch_size")) or 1
+    target = resolve_device(resolve_device_name(device))
+    console = _console()
+    with _quiet_libraries():
+        network, pixel_values, source = _model_and_inputs(model_name, image, size, target)
+        call = _forward_call(network, pixel_values)
+        with apply(network, loaded) as handle, torch.inference_mode():
+            call()
+            counts = list(handle.token_counts)
+        meter = LatencyMeter(target, repeats=repeats, warmup=3)
+
+        def pruned_call() -> None:
+            with apply(network, loaded):
+                call()
+
+        before, after = meter.measure_interleaved([call, pruned_call])
+
+    console.print(
+        f"schedule: {loaded.describe()}\nmodel: {model_name or 'the demo model'}; inputs: {source}, batch {size}"
+    )
+    table = Table()
+    for header in ("layer", "tokens in", "merged", "tokens out"):
+        table.add_column(header, justify="right")
+    tokens = loaded.tokens_in
+    for layer, (remove, out) in enumerate(zip(loaded.remove_per_layer, counts, strict=True)):
+        table.add_row(str(layer), str(tokens), str(remove) if remove else "", str(out))
+        tokens = out
+    console.print(table)
+    console.print(
+        f"latency before: {before.median_ms:.2f} ms (p90 {before.p90_ms:.2f}), after: {after.median_ms:.2f} ms "
+        f"(p90 {after.p90_ms:.2f}), {before.median_ms / after.median_ms:.2f}x; median of {repeats} interleaved runs "
+        f"on {meter.device_name()} ({meter.environment()['threads']} threads)"
+    )
+    budget_text = metrics.get("budget")
+    if isinstance(budget_text, str):
+        limit = parse_budget(budget_text).limit_ms(before.median_ms)
+        met = after.median_ms <= limit
+        console.print(
+            f"budget {budget_text}: {'met' if met else 'NOT met'} ({after.median_ms:.2f} ms "
+            f"{'<=' if met else '>'} {limit:.2f} ms)"
+        )
+        if not met:
+            raise typer.Exit(EXIT_NO_FEASIBLE)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _model_and_inputs(model_name: str | None, image: Path | None, batch: int, device: Any) -> tuple[Any, Any, str]:
+    """The model (eval mode, on ``device``) and one batch of inputs, with a word on where the inputs come from."""
+    import torch
+
+    from evaluators.loading import load_image_processor, load_model, resolve_dtype
+    from tuner.study import TunerError
+
+    if model_name is None:
+        from tuner.demo import SCENE_SIZE, eval_pool, load_demo_model, render_scenes
+
+        network: Any = load_demo_model(device=device)
+        if image is not None:
+            pixels = _image_tensor(image, SCENE_SIZE)
+            source = f"image {image}"
+        else:
+            digits, _ = eval_pool()
+            pixels, _, _ = render_scenes(digits[:batch], seed=0)
+            source = "demo scenes"
+    else:
+        network = load_model(model_name, device=device, dtype=resolve_dtype("auto", device))
+        config = getattr(network, "config", None)
+        vision = getattr(config, "vision_config", config)
+        side = int(getattr(vision, "image_size", 224))
+        if image is not None:
+            from PIL import Image, UnidentifiedImageError
+
+            processor = load_image_processor(model_name)
+            try:
+                picture = Image.open(image).convert("RGB")
+            except (OSError, UnidentifiedImageError) as error:
+                raise TunerError(f"cannot read image {str(image)!r}: {error}; give a PNG or JPEG file") from None
+            pixels = processor(images=[picture], return_tensors="pt")["pixel_values"].float()
+            source = f"image {image}"
+        else:
+            pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+            source = "random pixels (latency and token counts do not depend on pixel values)"
+    dtype = next(network.parameters()).dtype
+    picks = torch.arange(batch) % len(pixels)
+    return network, pixels[picks].to(device=device, dtype=dtype).contiguous(), source
+
+
+def _image_tensor(path: Path, side: int) -> Any:
+    """An image as the demo model takes it: RGB, ``side`` x ``side``, normalised to [-1, 1], batch of one."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from tuner.study import TunerError
+
+    try:
+        picture = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError) as error:
+        raise TunerError(f"cannot read image {str(path)!r}: {error}; give a PNG or JPEG file") from None
+    array = np.asarray(picture, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).sub(0.5).div(0.5)
+
+
+def _forward_call(network: Any, pixel_values: Any) -> Callable[[], Any]:
+    """The vision path on one batch, as the evaluators time it."""
+    from evaluators.fidelity import image_outputs
+
+    def forward() -> Any:
+        return image_outputs(network, pixel_values)
+
+    return forward
+
+
+# ------------------------------------------------------------------------------------------------- spaces and schema
+
+
+@app.command()
+def spaces() -> None:
+    """List the search spaces, with their parameters (the default is marked)."""
+    from search_spaces import DEFAULT_SPACE, available_spaces, get_space
+
+    for name in available_spaces():
+        space = get_space(name)
+        marker = " (default)" if name == DEFAULT_SPACE else ""
+        typer.echo(f"{name}{marker}: {space.summary}")
+        for line in space.describe():
+            typer.echo(f"    {line}")
 
 
 @app.command()
@@ -30,12 +670,47 @@ def schema() -> None:
     typer.echo(json.dumps(schedule_schema(), indent=2))
 
 
-def main() -> None:
-    """Entry point: run the CLI; bad input ends with a one-line error and exit code 2."""
-    from tuner.evoprune.errors import EvoPruneError
+# ------------------------------------------------------------------------------------------------------------- main
 
+
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """``(UsageError, NoArgsIsHelpError)`` of the click that typer uses.
+
+    typer >= 0.23 vendors click as ``typer._click``; older versions use the ``click`` package.
+    """
     try:
-        app()
-    except EvoPruneError as error:
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        from typer._click import exceptions as errors
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as errors  # type: ignore[no-redef]
+    return errors.UsageError, errors.NoArgsIsHelpError
+
+
+def _usage_message(error: Any) -> str:
+    param = getattr(error, "param", None)
+    opts = getattr(param, "opts", None)
+    if type(error).__name__ == "MissingParameter" and opts:
+        return f"missing option {opts[0]}"
+    return " ".join(error.format_message().split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI. Usage errors and bad input end with one line on stderr and exit code 2."""
+    usage_error, no_args_is_help = _click_exceptions()
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="tuner")
+    except no_args_is_help as error:
+        context = getattr(error, "ctx", None)
+        typer.echo(context.get_help() if context is not None else "")
+        sys.exit(0)
+    except usage_error as error:
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "tuner"
+        typer.echo(f"error: {_usage_message(error)} (see `{command} --help`)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except _bad_input_errors() as error:
+        typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code if isinstance(code, int) else 0)

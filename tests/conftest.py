@@ -1,0 +1,76 @@
+"""Shared fixtures of the tuner tests (runner and CLI): a working folder, the CLI entry point, a tiny demo config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_RUN_ARGS: tuple[str, ...] = (
+    "--calib",
+    "24",
+    "--holdout",
+    "24",
+    "--batch-size",
+    "8",
+    "--repeats",
+    "2",
+    "--final-repeats",
+    "5",
+)
+"""A demo run small enough for seconds: 24 + 24 scenes, batch 8, few timed runs."""
+
+
+@dataclass(frozen=True)
+class TunerCliResult:
+    """Exit code and captured output of one ``tuner`` invocation."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="session")
+def tuner_calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One latency-calibration cache for the whole session (as one machine has), so runs reuse one latency model."""
+    return tmp_path_factory.mktemp("tuner-calibration-cache")
+
+
+@pytest.fixture
+def tuner_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tuner_calibration_cache: Path) -> Iterator[Path]:
+    """A fresh current folder (``studies/`` lands here) sharing the session's calibration cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tuner_calibration_cache))
+    yield tmp_path
+
+
+@pytest.fixture
+def tuner_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., TunerCliResult]:
+    """Invoke the real entry point (``tuner.cli.main``, what ``python -m tuner`` runs) in this process."""
+    from tuner.cli import main
+
+    def invoke(*args: str) -> TunerCliResult:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        captured = capsys.readouterr()
+        return TunerCliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+@pytest.fixture
+def tuner_subprocess_env(tuner_calibration_cache: Path) -> dict[str, str]:
+    """Environment for ``python -m tuner`` in a subprocess: the repo importable, the shared calibration cache."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env["TUNER_CACHE_DIR"] = str(tuner_calibration_cache)
+    env.setdefault("COLUMNS", "160")
+    return env

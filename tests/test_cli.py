@@ -1,0 +1,414 @@
+"""The ``tuner`` command line end to end, on the real demo (tiny config), real SQLite, real Optuna."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+Cli = Callable[..., Any]  # the tuner_cli fixture: (*args) -> result with .code, .out, .err
+TINY_RUN_ARGS: tuple[str, ...] = (
+    "--calib", "24", "--holdout", "24", "--batch-size", "8", "--repeats", "2", "--final-repeats", "5",
+)  # fmt: skip
+"""A demo run small enough for seconds: 24 + 24 scenes, batch 8, few timed runs."""
+BUDGET = "3s"  # per batch of 8 scenes (about 10 ms): met even on a busy shared CPU, so runs end with an export
+STUDY = "demo-cpu-3000ms"
+
+
+def run_tiny(cli: Cli, *extra: str, budget: str = BUDGET, trials: int = 6) -> Any:
+    return cli("run", "--budget", budget, "--trials", str(trials), "--device", "cpu", *TINY_RUN_ARGS, *extra)
+
+
+def assert_one_line_error(result: Any, *fragments: str) -> None:
+    assert result.code == 2, (result.code, result.out, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "Traceback" not in result.err + result.out
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def study_trials(path: Path = Path("studies/tuner.db"), name: str = STUDY) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{path}").get_trials()
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory, tuner_calibration_cache: Path) -> Path:
+    """One finished tiny run, made once; tests that change a study work on a copy (:func:`copy_of`)."""
+    folder = tmp_path_factory.mktemp("finished")
+    command = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--trials", "10", "--device", "cpu"]
+    env = _env(tuner_calibration_cache)
+    done = subprocess.run([*command, *TINY_RUN_ARGS], cwd=folder, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return folder
+
+
+def _env(cache: Path) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["TUNER_CACHE_DIR"] = str(cache)
+    env["COLUMNS"] = "160"
+    return env
+
+
+def copy_of(finished: Path, target: Path) -> None:
+    shutil.copytree(finished / "studies", target / "studies")
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def test_run_end_to_end_writes_database_schedule_and_plot(finished_study: Path, tuner_cli: Cli) -> None:
+    studies = finished_study / "studies"
+    assert (studies / "tuner.db").is_file()
+    best = studies / STUDY / "best.json"
+    document = json.loads(best.read_text())
+    schema = json.loads(tuner_cli("schema").out)
+    jsonschema.validate(document, schema)
+    metrics, provenance = document["metrics"], document["provenance"]
+    assert metrics["feasible"] is True
+    assert metrics["latency_ms_measured"]["median"] <= metrics["budget_ms"]
+    for key in ("accuracy_calib", "accuracy_holdout", "accuracy_holdout_unpruned", "baseline_ms", "speedup_measured"):
+        assert isinstance(metrics[key], float)
+    assert provenance["study"] == STUDY and isinstance(provenance["trial"], int)
+    assert set(provenance["versions"]) >= {"torch", "transformers", "optuna", "tuner"}
+    html = (studies / STUDY / "pareto.html").read_text()
+    assert "<script src=" not in html and 'src="http' not in html  # self-contained: plotly.js is embedded
+    assert "Plotly.newPlot" in html and len(html) > 1_000_000
+    assert "unpruned model" in html and "budget 3000ms" in html
+
+
+def test_resume_continues_numbers_and_redoes_no_finished_trial(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    first = run_tiny(tuner_cli, trials=4)
+    assert first.code == 0, first.out + first.err
+    before = {t.number: t.datetime_complete for t in study_trials()}
+    second = run_tiny(tuner_cli, trials=7)
+    assert second.code == 0, second.out + second.err
+    assert "resuming study" in second.out
+    trials = study_trials()
+    assert [t.number for t in trials] == list(range(7))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.number: t.datetime_complete for t in trials if t.number < 4} == before
+    assert [line.split()[1] for line in second.out.splitlines() if line.startswith("trial ")] == ["4", "5", "6"]
+
+
+def test_same_command_again_does_not_search_more(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    result = run_tiny(tuner_cli, trials=10)
+    assert result.code == 0, result.out + result.err
+    assert "already holds 10 finished trials" in result.out
+    assert len(study_trials()) == 10
+
+
+def test_resume_with_other_settings_is_refused(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    result = tuner_cli(
+        "run", "--budget", "90%", "--study", STUDY, "--device", "cpu", "--calib", "16", "--holdout", "24",
+        "--batch-size", "8",
+    )  # fmt: skip
+    assert_one_line_error(result, f"study '{STUDY}'", "different settings", "budget 3000ms -> 90%", "calib 24 -> 16")
+    assert len(study_trials()) == 10  # nothing stored was touched
+
+
+def test_same_seed_gives_the_same_trials_and_export(
+    tuner_workdir: Path, tuner_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One machine, one calibration: keep the cached one even if this shared CPU's load changes between the runs.
+    monkeypatch.setattr("tuner.study.CACHE_TOLERANCE", float("inf"))
+    exports = []
+    for name in ("a", "b"):
+        result = run_tiny(tuner_cli, "--storage", f"sqlite:///{name}.db", "--seed", "3", "--study", name, trials=12)
+        assert result.code == 0, result.out + result.err
+        exports.append(json.loads(Path(f"studies/{name}/best.json").read_text()))
+    params = [[t.params for t in study_trials(Path(f"{name}.db"), name)] for name in ("a", "b")]
+    assert params[0] == params[1]
+    assert exports[0]["plan"] == exports[1]["plan"] and exports[0]["scoring"] == exports[1]["scoring"]
+    assert exports[0]["provenance"]["trial"] == exports[1]["provenance"]["trial"]
+
+
+def test_other_seed_gives_other_trials(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    result = run_tiny(tuner_cli, "--seed", "11", trials=10)
+    assert result.code == 0, result.out + result.err
+    ours = [t.params for t in study_trials()]
+    theirs = [t.params for t in study_trials(finished_study / "studies/tuner.db")]
+    assert ours[:3] == theirs[:3]  # the seed trials
+    assert ours[3:] != theirs[3:]
+
+
+@pytest.mark.parametrize("budget", ["fast", "", "50", "0ms", "-3ms", "0.95x", "150%", "nanms", "infms", "ms"])
+def test_bad_budgets_are_one_line_errors(budget: str, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    result = tuner_cli("run", "--budget", budget)
+    assert_one_line_error(result, "budget")
+    assert not Path("studies").exists()  # refused before anything was stored
+
+
+@pytest.mark.parametrize(
+    ("budget", "shown"), [("1000ms", "1000ms"), ("1 s", "1000ms"), ("1.05X", "1.05x"), ("99.5%", "99.5%")]
+)
+def test_good_budget_forms_run(budget: str, shown: str, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    result = run_tiny(tuner_cli, budget=budget, trials=1)
+    # One trial (no pruning) is over a relative budget: exit 3 with the closest schedule; the run itself worked.
+    assert result.code in (0, 3), result.out + result.err
+    assert f"budget {shown} = " in result.out
+    assert Path(f"studies/demo-cpu-{shown.replace('%', 'pct')}/pareto.html").is_file()
+
+
+def test_no_feasible_schedule_exits_3_shows_the_closest_and_still_plots(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    result = run_tiny(tuner_cli, budget="0.01ms", trials=4)
+    assert result.code == 3, result.out + result.err
+    assert "no schedule meets the budget 0.01ms" in result.out
+    assert "closest: trial" in result.out
+    assert Path("studies/demo-cpu-0.01ms/pareto.html").is_file()
+    assert not Path("studies/demo-cpu-0.01ms/best.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragments"),
+    [
+        ("--space", "nope", ("unknown search space 'nope'", "family, keep_ratios")),
+        ("--evaluator", "nope", ("unknown evaluator 'nope'", "demo, fidelity, zeroshot")),
+        ("--sampler", "nope", ("unknown sampler 'nope'", "tpe, nsga2, gp, random")),
+        ("--model", "/no/such/model --dataset /no/such/data", ("no such folder",)),
+        ("--trials", "0", ("--trials",)),
+        ("--device", "quantum", ("quantum",)),
+    ],
+)
+def test_unknown_names_are_one_line_errors(
+    option: str, value: str, fragments: tuple[str, ...], tuner_workdir: Path, tuner_cli: Cli
+) -> None:
+    assert_one_line_error(tuner_cli("run", "--budget", "50ms", option, *value.split()), *fragments)
+
+
+def test_corrupt_database_is_refused_and_left_untouched(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    Path("studies").mkdir()
+    content = b"not a database, but someone's file" * 50
+    Path("studies/tuner.db").write_bytes(content)
+    assert_one_line_error(run_tiny(tuner_cli), "not an SQLite database", "left untouched")
+    assert_one_line_error(tuner_cli("studies"), "not an SQLite database")
+    assert Path("studies/tuner.db").read_bytes() == content
+
+
+def test_missing_budget_is_a_one_line_usage_error(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    assert_one_line_error(tuner_cli("run"), "--budget", "tuner run --help")
+
+
+# ------------------------------------------------------------------------------------------- export, plot, studies
+
+
+def test_export_prefers_accurate_or_fast(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    fast = tuner_cli("export", "--prefer", "fast", "-o", "fast.json")
+    accurate = tuner_cli("export", "-o", "accurate.json")
+    assert fast.code == 0 and accurate.code == 0, fast.out + fast.err + accurate.out + accurate.err
+    f, a = json.loads(Path("fast.json").read_text()), json.loads(Path("accurate.json").read_text())
+    assert f["metrics"]["latency_ms_predicted"] <= a["metrics"]["latency_ms_predicted"]
+    assert f["metrics"]["accuracy_holdout"] <= a["metrics"]["accuracy_holdout"]
+    trials = [t for t in study_trials() if t.state == TrialState.COMPLETE]
+    feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
+    assert f["metrics"]["latency_ms_predicted"] == min(t.values[1] for t in feasible)
+    assert f["provenance"]["prefer"] == "fast" and a["provenance"]["prefer"] == "accurate"
+
+
+def test_export_for_another_budget(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    result = tuner_cli("export", "--study", STUDY, "--budget", "2s")
+    assert result.code == 0, result.out + result.err
+    document = json.loads(Path(f"studies/{STUDY}/best-2000ms.json").read_text())
+    assert document["metrics"]["budget"] == "2000ms" and document["metrics"]["budget_ms"] == 2000.0
+    impossible = tuner_cli("export", "--budget", "0.01ms")
+    assert impossible.code == 3 and "closest: trial" in impossible.out
+
+
+def test_export_and_plot_of_unknown_study(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    assert_one_line_error(tuner_cli("export", "--study", "nope"), "no study 'nope'", STUDY)
+    assert_one_line_error(tuner_cli("plot", "--study", "nope"), "no study 'nope'")
+    assert_one_line_error(tuner_cli("export", "--storage", "sqlite:///missing.db"), "does not exist")
+
+
+def test_plot_writes_self_contained_html(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    result = tuner_cli("plot", "--study", STUDY, "-o", "p.html")
+    assert result.code == 0, result.err
+    html = Path("p.html").read_text()
+    assert "Plotly.newPlot" in html and "<script src=" not in html and "Pareto front" in html
+
+
+def test_studies_lists_trials_budget_and_best(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    copy_of(finished_study, tuner_workdir)
+    result = tuner_cli("studies")
+    assert result.code == 0, result.err
+    assert STUDY in result.out and "10 finished / 10" in result.out
+    assert "3000ms" in result.out and "trial " in result.out
+
+
+# ------------------------------------------------------------------------------------------------------------ apply
+
+
+def test_apply_prints_tokens_per_layer_and_latency(finished_study: Path, tuner_cli: Cli) -> None:
+    best = finished_study / "studies" / STUDY / "best.json"
+    document = json.loads(best.read_text())
+    result = tuner_cli("apply", "--schedule", str(best), "--device", "cpu", "--repeats", "5")
+    assert result.code in (0, 3), result.out + result.err  # 3: the budget was not met on this re-measurement
+    rows = [
+        [cell.strip() for cell in line.strip("│ ").split("│")]
+        for line in result.out.splitlines()
+        if line.count("│") >= 3 and line.strip("│ ").split("│")[0].strip().isdigit()
+    ]
+    tokens = document["encoder"]["tokens_in"]
+    expected = []
+    for layer, remove in enumerate(document["plan"]["remove_per_layer"]):
+        expected.append([str(layer), str(tokens), str(remove) if remove else "", str(tokens - remove)])
+        tokens -= remove
+    assert rows == expected
+    assert "latency before:" in result.out and "after:" in result.out and "budget 3000ms: met" in result.out
+
+
+def test_apply_with_an_image(finished_study: Path, tuner_workdir: Path, tuner_cli: Cli) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (100, 80), (200, 30, 30)).save("red.png")
+    best = finished_study / "studies" / STUDY / "best.json"
+    result = tuner_cli("apply", "--schedule", str(best), "--image", "red.png", "--batch-size", "2", "--repeats", "3")
+    assert result.code in (0, 3), result.out + result.err
+    assert "image red.png" in result.out
+
+
+def test_apply_refuses_a_malformed_schedule_with_its_json_path(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    Path("bad.json").write_text('{"format": "evoprune-schedule", "version": 1, "encoder": {"family": 3}}')
+    assert_one_line_error(tuner_cli("apply", "--schedule", "bad.json"), "bad.json", "$.encoder")
+    Path("broken.json").write_text("{not json")
+    assert_one_line_error(tuner_cli("apply", "--schedule", "broken.json"), "not valid JSON")
+    assert_one_line_error(tuner_cli("apply", "--schedule", "missing.json"), "missing.json")
+
+
+# ------------------------------------------------------------------------------------------------ spaces and help
+
+
+def test_spaces_lists_spaces_with_parameters(tuner_cli: Cli) -> None:
+    result = tuner_cli("spaces")
+    assert result.code == 0
+    assert "family (default):" in result.out and "keep_ratios:" in result.out
+    assert "w_div:" in result.out and "keep_<layer>:" in result.out
+
+
+@pytest.mark.parametrize("command", ["run", "export", "plot", "studies", "apply", "spaces", "schema"])
+def test_every_command_has_help(command: str, tuner_cli: Cli) -> None:
+    result = tuner_cli(command, "--help")
+    assert result.code == 0
+    assert len(result.out.splitlines()) > 3
+    main_help = tuner_cli("--help")
+    assert command in main_help.out
+
+
+def test_run_help_explains_every_option(tuner_cli: Cli) -> None:
+    text = tuner_cli("run", "--help").out
+    options = "--budget --trials --timeout --seed --sampler --storage --study --model --dataset --evaluator --calib"
+    for option in [*options.split(), "--holdout", "--batch-size", "--device", "--space", "--prefer"]:
+        assert option in text
+
+
+# -------------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_keeps_finished_trials_and_the_study_resumes(tuner_workdir: Path, tuner_subprocess_env: dict) -> None:
+    command = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--device", "cpu", *TINY_RUN_ARGS]
+    process = subprocess.Popen(
+        [*command, "--trials", "200"],
+        cwd=tuner_workdir,
+        env=tuner_subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen = 0
+    deadline = time.monotonic() + 120
+    while seen < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        seen += line.startswith("trial ")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out + err
+    hint = f"resume with: python -m tuner run --budget {BUDGET} --study {STUDY} --calib 24 --holdout 24 --batch-size 8"
+    assert "interrupted:" in err and hint in err
+    assert "Traceback" not in err
+    trials = study_trials(tuner_workdir / "studies/tuner.db")
+    finished = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    # The first Ctrl-C lets the running trial finish (its line was printed as its objective ended), then stops.
+    assert "running trial was finished first" in err
+    assert len(finished) >= 3 and all(t.state != TrialState.RUNNING for t in trials)
+
+    resumed = subprocess.run(
+        [*command, "--trials", str(len(finished) + 2)],
+        cwd=tuner_workdir,
+        env=tuner_subprocess_env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = study_trials(tuner_workdir / "studies/tuner.db")
+    assert len([t for t in after if t.state == TrialState.COMPLETE]) == len(finished) + 2
+    assert [t.number for t in after][: len(trials)] == [t.number for t in trials]
+
+
+def test_a_killed_worker_loses_no_finished_trial(tuner_workdir: Path, tuner_subprocess_env: dict) -> None:
+    command = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--device", "cpu", *TINY_RUN_ARGS]
+    process = subprocess.Popen(
+        [*command, "--trials", "200"],
+        cwd=tuner_workdir,
+        env=tuner_subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen, deadline = 0, time.monotonic() + 120
+    while seen < 4 and time.monotonic() < deadline:
+        seen += process.stdout.readline().startswith("trial ")
+    process.kill()  # SIGKILL: no clean-up at all
+    process.wait(timeout=30)
+    finished = [t.number for t in study_trials() if t.state == TrialState.COMPLETE]
+    assert len(finished) >= 3
+
+    resumed = subprocess.run(
+        [*command, "--trials", str(len(finished) + 2)],
+        cwd=tuner_workdir,
+        env=tuner_subprocess_env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = study_trials()
+    complete = [t.number for t in after if t.state == TrialState.COMPLETE]
+    assert set(finished) <= set(complete) and len(complete) == len(finished) + 2
+
+
+def test_locked_database_is_a_one_line_error_and_loses_nothing(
+    finished_study: Path, tuner_workdir: Path, tuner_cli: Cli
+) -> None:
+    import sqlite3
+
+    copy_of(finished_study, tuner_workdir)
+    holder = sqlite3.connect("studies/tuner.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing (a second run, a dashboard)
+    try:
+        result = run_tiny(tuner_cli, "--study", "another", trials=1)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert_one_line_error(result, "is locked by another process", "use another --storage")
+    assert len(study_trials()) == 10
