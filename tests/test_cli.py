@@ -215,7 +215,7 @@ def test_export_prefers_accurate_or_fast(finished_study: Path, tuner_workdir: Pa
     assert fast.code == 0 and accurate.code == 0, fast.out + fast.err + accurate.out + accurate.err
     f, a = json.loads(Path("fast.json").read_text()), json.loads(Path("accurate.json").read_text())
     assert f["metrics"]["latency_ms_predicted"] <= a["metrics"]["latency_ms_predicted"]
-    assert f["metrics"]["accuracy_holdout"] <= a["metrics"]["accuracy_holdout"]
+    assert f["metrics"]["accuracy_calib"] <= a["metrics"]["accuracy_calib"]
     trials = [t for t in study_trials() if t.state == TrialState.COMPLETE]
     feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
     assert f["metrics"]["latency_ms_predicted"] == min(t.values[1] for t in feasible)

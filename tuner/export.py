@@ -1,10 +1,11 @@
 """Choosing the schedule to export from a study, validating it, and writing it as schedule JSON.
 
-The feasible Pareto front (accuracy on the calibration subset vs predicted latency, within the budget) is re-scored on
-the held-out slice, ordered by preference (``accurate``: most accurate on the held-out slice, then faster, then the
-lower trial number; ``fast``: fastest, then more accurate), and the first schedule whose latency, re-measured
-interleaved with the unpruned model, meets the budget is chosen. When none does, the closest schedule (smallest
-excess) is reported instead and nothing is written.
+The feasible Pareto front (accuracy on the calibration subset vs predicted latency, within the budget) is ordered by
+preference (``accurate``: most accurate on the calibration subset, then faster, then the lower trial number; ``fast``:
+fastest, then more accurate) and scored on the held-out slice, which the choice never looks at: it stays an honest
+check of what the search picked. The first schedule whose latency, re-measured interleaved with the unpruned model,
+meets the budget is chosen. When none does, the closest schedule (smallest excess) is reported and nothing is
+written.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ __all__ = [
 Prefer = Literal["accurate", "fast"]
 
 MAX_FINALISTS = 12
-"""Front schedules re-scored on the held-out slice (the most accurate, or the fastest, by calibration results)."""
+"""Front schedules scored on the held-out slice, in preference order (the first one that re-measures within the
+budget is exported)."""
 
 _TOLERANCE_MS = 1e-9
 
@@ -168,16 +170,10 @@ class Selection:
     notes: list[str] = field(default_factory=list)
 
 
-def _calib_order(records: list[TrialRecord], prefer: Prefer) -> list[TrialRecord]:
+def _preference_order(records: list[TrialRecord], prefer: Prefer) -> list[TrialRecord]:
     if prefer == "fast":
         return sorted(records, key=lambda r: (r.latency_ms, -r.accuracy, r.number))
     return sorted(records, key=lambda r: (-r.accuracy, r.latency_ms, r.number))
-
-
-def _final_order(finalists: list[Finalist], prefer: Prefer) -> list[Finalist]:
-    if prefer == "fast":
-        return sorted(finalists, key=lambda f: (f.record.latency_ms, -f.accuracy_holdout, f.record.number))
-    return sorted(finalists, key=lambda f: (-f.accuracy_holdout, f.record.latency_ms, f.record.number))
 
 
 def _holdout(context: StudyContext, evaluator: Evaluator, schedule: Schedule) -> float:
@@ -246,7 +242,7 @@ def select_schedule(
     unpruned = Schedule.none(shape.num_layers, shape.tokens_in, family=shape.family, has_cls=shape.has_cls)
     seen: set[str] = set()
     candidates = []
-    for record in _calib_order(front, prefer):
+    for record in _preference_order(front, prefer):
         if record.fingerprint not in seen:
             seen.add(record.fingerprint)
             candidates.append(record)
@@ -257,7 +253,7 @@ def select_schedule(
     for record in candidates:
         schedule = context.schedule_of(record.trial)
         finalists.append(Finalist(record, schedule, _holdout(context, evaluator, schedule)))
-    selection.finalists = _final_order(finalists, prefer)
+    selection.finalists = finalists
 
     for finalist in selection.finalists:
         note(f"re-measuring trial {finalist.record.number} interleaved with the unpruned model")
