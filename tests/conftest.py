@@ -1,4 +1,4 @@
-"""Shared fixtures of the tuner tests (runner and CLI): a working folder, the CLI entry point, a tiny demo config."""
+"""Shared fixtures of the tuner tests (runner and CLI): a working folder, the CLI entry point, a calibration cache."""
 
 from __future__ import annotations
 
@@ -8,20 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-TINY_RUN_ARGS: tuple[str, ...] = (
-    "--calib",
-    "24",
-    "--holdout",
-    "24",
-    "--batch-size",
-    "8",
-    "--repeats",
-    "2",
-    "--final-repeats",
-    "5",
-)
-"""A demo run small enough for seconds: 24 + 24 scenes, batch 8, few timed runs."""
 
 
 @dataclass(frozen=True)
