@@ -12,6 +12,7 @@ spent scoring and merging (from separate profiled runs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -49,8 +50,11 @@ ENCODERS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
-def schedules(num_layers: int, tokens_in: int, family: str, has_cls: bool) -> list[tuple[str, Schedule]]:
-    """The paper's Skip schedule to 128 and 64 tokens (paper scoring), and one aggressive schedule."""
+def schedules(
+    num_layers: int, tokens_in: int, family: str, has_cls: bool, control: bool = False
+) -> list[tuple[str, Schedule]]:
+    """The paper's Skip schedule to 128 and 64 tokens (paper scoring), one aggressive schedule, and with ``control``
+    the aggressive plan under ToMe's plain matching."""
     paper = Scoring()  # w_sim 1, w_div 0.5, CTR 0.25
     common = dict(num_layers=num_layers, tokens_in=tokens_in, family=family, has_cls=has_cls)
     plans = [
@@ -65,6 +69,12 @@ def schedules(num_layers: int, tokens_in: int, family: str, has_cls: bool) -> li
             Schedule.preset("decreasing", tokens_out=aggressive, scoring=paper, alpha=1.0, **common),  # type: ignore[arg-type]
         )
     )
+    if control:
+        # The same plan with ToMe's plain matching (no kNN term, no attention statistics, no CTR): the cheapest
+        # merge step there is, so its efficiency is about the ceiling the encoder itself allows for this plan.
+        tome = Scoring(w_div=0.0, w_attn=0.0, ctr=0.0)
+        control_plan = dataclasses.replace(plans[-1][1], scoring=tome)
+        plans.append((f"decreasing -> {aggressive}, ToMe scoring (control)", control_plan))
     return plans
 
 
@@ -106,7 +116,7 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device, dty
     family = "clip" if has_cls else "siglip"
     tokens_in = (config.image_size // config.patch_size) ** 2
     x = torch.randn(args.batch, 3, config.image_size, config.image_size, device=device, dtype=dtype)
-    plans = schedules(config.num_hidden_layers, tokens_in, family, has_cls)
+    plans = schedules(config.num_hidden_layers, tokens_in, family, has_cls, control=args.control)
 
     def native() -> None:
         model(pixel_values=x)
@@ -164,6 +174,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--full", action="store_true", help="also SigLIP so400m/14-384")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also time the aggressive plan with ToMe's plain matching (the encoder's own efficiency ceiling)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     if args.dtype is None:

@@ -31,12 +31,16 @@ class Evaluator(ABC):
         model: the module schedules are applied to (a model the EvoPrune adapters support).
         batch_size: items per forward, for accuracy and latency alike.
         device: where the model runs.
+        dtype: the model's dtype.
+        seed: seeds the calibration/held-out split (and anything else random in the task).
     """
 
     name: ClassVar[str]
     model: nn.Module
     batch_size: int
     device: torch.device
+    dtype: torch.dtype
+    seed: int
 
     @abstractmethod
     def accuracy(self, split: Split = "calib") -> float:
@@ -53,6 +57,26 @@ class Evaluator(ABC):
     def describe(self) -> str:
         """One line for progress output."""
         return f"{self.name}: {self.settings()}"
+
+    def _set_runtime(
+        self,
+        device: str | torch.device,
+        dtype: str | torch.dtype,
+        batch_size: int | None,
+        default_batch_size: int,
+        seed: int,
+    ) -> None:
+        """Check and set ``device``, ``dtype``, ``batch_size`` and ``seed``: the start every constructor shares.
+
+        Raises:
+            EvaluatorError: an unknown or unavailable device, an unknown dtype, or a batch size below 1.
+        """
+        from evaluators.loading import resolve_batch_size, resolve_device, resolve_dtype
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = resolve_batch_size(batch_size, default_batch_size)
+        self.seed = int(seed)
 
 
 _REGISTRY: dict[str, type[Evaluator]] = {}

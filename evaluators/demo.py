@@ -16,7 +16,7 @@ from torch import nn
 
 from evaluators.base import Evaluator, EvaluatorError, Split, register_evaluator
 from evaluators.calibration import pick_split, resolve_sizes, stratified_split
-from evaluators.loading import dtype_name, latency_batch, resolve_batch_size, resolve_device, resolve_dtype, to_batches
+from evaluators.loading import dtype_name, latency_batch, to_batches
 
 __all__ = ["DemoEvaluator"]
 
@@ -74,10 +74,7 @@ class DemoEvaluator(Evaluator):
                 "the demo evaluator takes neither --model nor --dataset (nor --dataset-split): it ships its own model "
                 "and renders its own scenes; drop them, or use the fidelity or zeroshot evaluator"
             )
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = resolve_batch_size(batch_size, DEFAULT_BATCH_SIZE)
-        self.seed = int(seed)
+        self._set_runtime(device, dtype, batch_size, DEFAULT_BATCH_SIZE, seed)
         weights = Path(self.weights_dir) if self.weights_dir is not None else WEIGHTS_DIR
         if not (weights / "model.safetensors").is_file() or not (weights / "config.json").is_file():
             raise EvaluatorError(

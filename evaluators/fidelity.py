@@ -25,9 +25,6 @@ from evaluators.loading import (
     load_image_processor,
     load_model,
     preprocess_images,
-    resolve_batch_size,
-    resolve_device,
-    resolve_dtype,
     to_batches,
 )
 from tuner.evoprune.adapters import resolve_encoder
@@ -117,10 +114,7 @@ class FidelityEvaluator(Evaluator):
                 "the fidelity evaluator needs --model (a local folder or hub id) and --dataset (images)"
             )
         self.model_name, self.dataset_name = model, dataset
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = resolve_batch_size(batch_size, self.default_batch_size)
-        self.seed = int(seed)
+        self._set_runtime(device, dtype, batch_size, self.default_batch_size, seed)
         # The data first: a dataset without images, or too small, fails before a large model is loaded.
         data, self.dataset_split = load_image_dataset(dataset, dataset_split)
         self.image_column = find_column(data, IMAGE_COLUMNS, "image", dataset)

@@ -26,9 +26,6 @@ from evaluators.loading import (
     load_model,
     load_processor,
     preprocess_images,
-    resolve_batch_size,
-    resolve_device,
-    resolve_dtype,
     to_batches,
 )
 
@@ -89,10 +86,7 @@ class ZeroShotEvaluator(Evaluator):
                 "(an image-classification dataset)"
             )
         self.model_name, self.dataset_name = model, dataset
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = resolve_batch_size(batch_size, self.default_batch_size)
-        self.seed = int(seed)
+        self._set_runtime(device, dtype, batch_size, self.default_batch_size, seed)
 
         # The data first: a dataset without the needed columns, or too small, fails before a large model is loaded.
         data, self.dataset_split = load_image_dataset(dataset, dataset_split)

@@ -324,22 +324,34 @@ def test_run_help_explains_every_option(tuner_cli: Cli) -> None:
 # -------------------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_keeps_finished_trials_and_the_study_resumes(tuner_workdir: Path, tuner_subprocess_env: dict) -> None:
-    command = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--device", "cpu", *TINY_RUN_ARGS]
+INTERRUPTED_RUN = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--device", "cpu", *TINY_RUN_ARGS]
+
+
+def start_run_and_wait_for_trials(workdir: Path, env: dict, trials: int) -> subprocess.Popen:
+    """Start a long tiny run in a subprocess and return once it has printed ``trials`` trial lines (or 120 s)."""
     process = subprocess.Popen(
-        [*command, "--trials", "200"],
-        cwd=tuner_workdir,
-        env=tuner_subprocess_env,
+        [*INTERRUPTED_RUN, "--trials", "200"],
+        cwd=workdir,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     assert process.stdout is not None
-    seen = 0
-    deadline = time.monotonic() + 120
-    while seen < 3 and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        seen += line.startswith("trial ")
+    seen, deadline = 0, time.monotonic() + 120
+    while seen < trials and time.monotonic() < deadline:
+        seen += process.stdout.readline().startswith("trial ")
+    return process
+
+
+def resume_run(workdir: Path, env: dict, trials: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*INTERRUPTED_RUN, "--trials", str(trials)], cwd=workdir, env=env, capture_output=True, text=True
+    )
+
+
+def test_ctrl_c_keeps_finished_trials_and_the_study_resumes(tuner_workdir: Path, tuner_subprocess_env: dict) -> None:
+    process = start_run_and_wait_for_trials(tuner_workdir, tuner_subprocess_env, 3)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, out + err
@@ -352,13 +364,7 @@ def test_ctrl_c_keeps_finished_trials_and_the_study_resumes(tuner_workdir: Path,
     assert "running trial was finished first" in err
     assert len(finished) >= 3 and all(t.state != TrialState.RUNNING for t in trials)
 
-    resumed = subprocess.run(
-        [*command, "--trials", str(len(finished) + 2)],
-        cwd=tuner_workdir,
-        env=tuner_subprocess_env,
-        capture_output=True,
-        text=True,
-    )
+    resumed = resume_run(tuner_workdir, tuner_subprocess_env, len(finished) + 2)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = study_trials(tuner_workdir / "studies/tuner.db")
     assert len([t for t in after if t.state == TrialState.COMPLETE]) == len(finished) + 2
@@ -366,31 +372,13 @@ def test_ctrl_c_keeps_finished_trials_and_the_study_resumes(tuner_workdir: Path,
 
 
 def test_a_killed_worker_loses_no_finished_trial(tuner_workdir: Path, tuner_subprocess_env: dict) -> None:
-    command = [sys.executable, "-m", "tuner", "run", "--budget", BUDGET, "--device", "cpu", *TINY_RUN_ARGS]
-    process = subprocess.Popen(
-        [*command, "--trials", "200"],
-        cwd=tuner_workdir,
-        env=tuner_subprocess_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    seen, deadline = 0, time.monotonic() + 120
-    while seen < 4 and time.monotonic() < deadline:
-        seen += process.stdout.readline().startswith("trial ")
+    process = start_run_and_wait_for_trials(tuner_workdir, tuner_subprocess_env, 4)
     process.kill()  # SIGKILL: no clean-up at all
-    process.wait(timeout=30)
+    process.communicate(timeout=30)
     finished = [t.number for t in study_trials() if t.state == TrialState.COMPLETE]
     assert len(finished) >= 3
 
-    resumed = subprocess.run(
-        [*command, "--trials", str(len(finished) + 2)],
-        cwd=tuner_workdir,
-        env=tuner_subprocess_env,
-        capture_output=True,
-        text=True,
-    )
+    resumed = resume_run(tuner_workdir, tuner_subprocess_env, len(finished) + 2)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = study_trials()
     complete = [t.number for t in after if t.state == TrialState.COMPLETE]

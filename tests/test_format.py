@@ -143,6 +143,10 @@ def test_save_and_load(tmp_path: Path) -> None:
     save_schedule(EXAMPLES[1], target)  # overwrites in place
     assert Schedule.load(target) == EXAMPLES[1]
     assert [path.name for path in tmp_path.iterdir()] == ["skip.json"]  # no temporary file left behind
+    # Readable like any file the user writes (the temporary file behind the atomic write is created 0600).
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -214,6 +214,12 @@ def _join(
     return opening + inner + ("," + inner).join(key + text for key, text in items) + outer + closing
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_schedule(schedule: Schedule, path: str | os.PathLike[str]) -> None:
     """Writes the schedule as JSON (indent 2, trailing newline), atomically: a reader never sees half a file.
 
@@ -238,6 +244,8 @@ def save_schedule(schedule: Schedule, path: str | os.PathLike[str]) -> None:
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
                 stream.write(text)
+            # mkstemp creates the file private (0600); give it the mode a plain open() would have.
+            os.chmod(temporary, 0o666 & ~_current_umask())
             os.replace(temporary, target)
         except BaseException:
             os.unlink(temporary)

@@ -88,16 +88,19 @@ def knn_distinctiveness(
     k = min(knn_k, num_tokens - 1)
     if k < 1:
         return torch.zeros(cosine.shape[:2], device=cosine.device, dtype=torch.float32)
-    self_mask = torch.eye(num_tokens, dtype=torch.bool, device=cosine.device)
-    neighbour_cos = cosine.float().masked_fill(self_mask, -2.0).topk(k, dim=-1).values
-    squared_distance = (2.0 - 2.0 * neighbour_cos).clamp_min(0.0)
+    # A token's cosine with itself is 1, the largest of its row: take K + 1 and drop the first instead of masking the
+    # diagonal (no [B, T, T] copy; only the values are used, so a tie with the token itself changes nothing).
+    neighbour_cos = cosine.float().topk(k + 1, dim=-1).values[..., 1:]
+    squared_distance = (1.0 - neighbour_cos).mul_(2.0).clamp_min_(0.0)
     if tau == "auto":
-        # Per item, so that an item's result never depends on the others in its batch.
-        tau_value = squared_distance.sqrt().flatten(1).median(dim=1).values.view(-1, 1, 1)
-        tau_squared = tau_value.square().clamp_min(1e-12)
+        # Per item, so that an item's result never depends on the others in its batch. The median distance is the
+        # square root of the median squared distance (a monotone map; the lower median picks the same element).
+        flat = squared_distance.flatten(1)
+        median = flat.kthvalue((flat.shape[1] + 1) // 2, dim=1).values
+        kernel = torch.exp(squared_distance / median.clamp_min(1e-12).neg_().view(-1, 1, 1))
     else:
-        tau_squared = torch.tensor(float(tau) ** 2, device=cosine.device)
-    return 1.0 - torch.exp(-squared_distance / tau_squared).mean(dim=-1)
+        kernel = torch.exp(squared_distance * (-1.0 / float(tau) ** 2))
+    return 1.0 - kernel.mean(dim=-1)
 
 
 def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,20 +118,29 @@ def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple
     Returns:
         ``(protected_a, protected_b)``: bool masks ``[B, |A|]`` and ``[B, |B|]``.
     """
+    mask = _protected_mask(importance, ctr, remove)
+    if mask is None:
+        mask = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
+    return mask[:, 0::2], mask[:, 1::2]
+
+
+def _protected_mask(importance: torch.Tensor, ctr: float, remove: int) -> torch.Tensor | None:
+    """:func:`protected_tokens` as one ``[B, T]`` mask, or None when nothing is protected."""
     batch, num_tokens = importance.shape
     num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
     num_protect = max(0, min(int(ctr * num_tokens), num_tokens - 2 * remove))
-    protected = torch.zeros(batch, num_tokens, dtype=torch.bool, device=importance.device)
-    if num_protect > 0:
-        # The candidates, most important first (ties to the lower index); walking them in that order, a token is
-        # kept protected while its own set is under its cap.
-        candidates = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :num_protect]
-        in_b = candidates % 2
-        rank_in_b = in_b.cumsum(dim=1) - 1
-        rank_in_a = (1 - in_b).cumsum(dim=1) - 1
-        keep = torch.where(in_b.bool(), rank_in_b < num_b - 1, rank_in_a < num_a - remove)
-        protected.scatter_(1, candidates, keep)
-    return protected[:, 0::2], protected[:, 1::2]
+    if num_protect == 0:
+        return None
+    # The candidates, most important first (ties to the lower index); walking them in that order, a token is kept
+    # protected while its own set is under its cap: B while fewer than |B| - 1 B tokens came before it, A while
+    # fewer than |A| - r A tokens did (at walk position j, j - count_b A tokens came before).
+    candidates = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :num_protect]
+    in_b = candidates.remainder(2)
+    count_b = in_b.cumsum(dim=1)
+    walked = torch.arange(1, num_protect + 1, device=importance.device)
+    keep = torch.where(in_b.bool(), count_b < num_b, walked - count_b <= num_a - remove)
+    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=importance.device)
+    return mask.scatter_(1, candidates, keep)
 
 
 def match(
@@ -162,32 +174,38 @@ def match(
     else:
         cosine_ab = normed[:, 0::2] @ normed[:, 1::2].transpose(1, 2)
 
+    # log((1 + cos) / 2) without its constant -log 2, which shifts every score alike and so changes no choice.
     if scoring.w_sim > 0:
-        log_score = scoring.w_sim * torch.log(((1.0 + cosine_ab) * 0.5).clamp_min(_SIMILARITY_FLOOR))
+        log_score = cosine_ab.clamp_min(2.0 * _SIMILARITY_FLOOR - 1.0).log1p_()
+        if scoring.w_sim != 1.0:
+            log_score.mul_(scoring.w_sim)
     else:
-        log_score = torch.zeros_like(cosine_ab)
+        log_score = torch.zeros(cosine_ab.shape, device=features.device, dtype=torch.float32)
 
-    # Penalties of one token: -w_div * d - w_attn * s~. The A token's part does not change its choice of partner,
-    # so it is added after the argmax; the B token's part is added before.
-    penalty = torch.zeros(features.shape[:2], device=features.device, dtype=torch.float32)
+    # Penalties of one token: w_div * d + w_attn * s~, and +inf for a CTR-protected token (so that it neither merges
+    # nor receives). The A token's part does not change its choice of partner, so it is added after the argmax; the
+    # B token's part before.
+    penalty: torch.Tensor | None = None
     if scoring.w_div > 0:
-        penalty = penalty + scoring.w_div * knn_distinctiveness(cosine, scoring.knn_k, scoring.tau)
+        penalty = knn_distinctiveness(cosine, scoring.knn_k, scoring.tau).mul_(scoring.w_div)
     if scoring.needs_attention:
         if importance is None:
             raise ValueError("these scoring settings need the attention received by each token")
         if scoring.w_attn > 0:
-            penalty = penalty + scoring.w_attn * importance.float()
+            attention_penalty = importance.float() * scoring.w_attn
+            penalty = attention_penalty if penalty is None else penalty.add_(attention_penalty)
+        protected = _protected_mask(importance, scoring.ctr, remove) if scoring.ctr > 0 else None
+        if protected is not None:
+            # A mask, not a multiplication: a negative log score times -inf would be +inf.
+            if penalty is None:
+                penalty = torch.zeros(protected.shape, device=protected.device, dtype=torch.float32)
+            penalty = penalty.masked_fill_(protected, float("inf"))
 
-    log_score = log_score - penalty[:, None, 1::2]
-    if scoring.ctr > 0:
-        assert importance is not None
-        protected_a, protected_b = protected_tokens(importance, scoring.ctr, remove)
-        # A mask, not a multiplication: a negative log score times -inf would be +inf.
-        log_score = log_score.masked_fill(protected_b[:, None, :], float("-inf"))
+    if penalty is not None:
+        log_score = log_score.sub_(penalty[:, None, 1::2])
     best_score, best_partner = log_score.max(dim=-1)
-    best_score = best_score - penalty[:, 0::2]
-    if scoring.ctr > 0:
-        best_score = best_score.masked_fill(protected_a, float("-inf"))
+    if penalty is not None:
+        best_score = best_score.sub_(penalty[:, 0::2])
 
     order = torch.argsort(best_score, dim=-1, descending=True, stable=True)
     src = order[:, :remove]
@@ -197,6 +215,8 @@ def match(
 
 def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
     """Row numbers in a ``[B * length, ...]`` view of per-item indices ``[B, K]``, flattened."""
+    if index.shape[0] == 1:
+        return index.reshape(-1)
     offsets = torch.arange(index.shape[0], device=index.device)[:, None] * length
     return (index + offsets).flatten()
 
@@ -233,34 +253,36 @@ def merge(
     num_b = num_tokens // 2
     remove = src.shape[1]
     device = hidden.device
-    src_pos, dst_pos = 2 * src, 2 * dst + 1
+    src_pos, dst_pos = src * 2, (dst * 2).add_(1)
 
     # Weighted sums in float32: sizes reach hundreds and fp16 hidden states would overflow.
     src_sizes = state.sizes.gather(1, src_pos)
-    src_values = _take_tokens(hidden, src_pos).float() * src_sizes[..., None]
+    src_values = _take_tokens(hidden, src_pos).float().mul_(src_sizes[..., None])
     added_values = torch.zeros(batch * num_b, channels, device=device, dtype=torch.float32)
     added_values.index_add_(0, _flat_rows(dst, num_b), src_values.view(-1, channels))
-    added_values = added_values.view(batch, num_b, channels)
     added_sizes = torch.zeros(batch, num_b, device=device, dtype=torch.float32).scatter_add_(1, dst, src_sizes)
 
     b_sizes = state.sizes[:, 1::2]
     b_values = hidden[:, 1::2]
     new_b_sizes = b_sizes + added_sizes
-    merged_b = ((b_values.float() * b_sizes[..., None] + added_values) / new_b_sizes[..., None]).to(hidden.dtype)
+    merged_b = (
+        (b_values.float() * b_sizes[..., None])
+        .add_(added_values.view(batch, num_b, channels))
+        .div_(new_b_sizes[..., None])
+        .to(hidden.dtype)
+    )
+    # B tokens that received nothing keep their exact values ((b * s) / s need not round back to b).
     merged_b = torch.where((added_sizes > 0)[..., None], merged_b, b_values)
 
     hidden = hidden.clone()
     hidden[:, 1::2] = merged_b
     sizes = state.sizes.clone()
     sizes[:, 1::2] = new_b_sizes
-    first_patch = state.first_patch.clone()
-    first_patch[:, 1::2] = first_patch[:, 1::2].scatter_reduce(
-        1, dst, state.first_patch.gather(1, src_pos), reduce="amin"
-    )
-
-    # Keep every position but the merged A ones, in the order of the first patch each token covers.
-    # (A sort key rather than nonzero(): no host synchronisation on a GPU.)
-    order_key = first_patch.scatter(1, src_pos, torch.iinfo(torch.long).max)
+    # Order key: the first patch each token covers, merged A tokens last. (A sort key rather than nonzero(): no host
+    # synchronisation on a GPU.)
+    order_key = state.first_patch.clone()
+    order_key[:, 1::2].scatter_reduce_(1, dst, state.first_patch.gather(1, src_pos), reduce="amin")
+    order_key.scatter_(1, src_pos, torch.iinfo(torch.long).max)
     kept_pos = torch.argsort(order_key, dim=1)[:, : num_tokens - remove]
 
     new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
@@ -271,7 +293,7 @@ def merge(
     new_state = TokenState(
         sizes=sizes.gather(1, kept_pos),
         source=new_index.gather(1, state.source),
-        first_patch=first_patch.gather(1, kept_pos),
+        first_patch=order_key.gather(1, kept_pos),
     )
     return merged, new_state
 
