@@ -262,10 +262,42 @@ def test_applying_twice_is_refused_and_remove_is_idempotent() -> None:
         pass
 
 
-def test_profile_times_the_merge_steps() -> None:
+def test_profile_times_the_merge_steps_and_changes_no_output() -> None:
     model = clip_vision()
-    with torch.inference_mode(), apply(model, Schedule.preset("skip", num_layers=LAYERS, tokens_in=36,
-                                                               tokens_out=12)) as handle:
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)  # CTR 0.25: statistics
+    with torch.inference_mode(), apply(model, schedule) as handle:
+        plain = model(pixel_values=pixels(2)).last_hidden_state
         handle.profile = True
-        model(pixel_values=pixels(1))
-    assert handle.merge_seconds > 0
+        profiled = model(pixel_values=pixels(2)).last_hidden_state
+    assert handle.merge_seconds > 0 and handle.profile_seconds > 0
+    assert torch.equal(plain, profiled)
+
+
+@pytest.mark.parametrize("chunk_logits", [1 << 18, 37 * 37 * 4 * 2, 37 * 37 * 2, 37 * 37, 1])
+def test_chunked_attention_statistics_equal_the_full_softmax(monkeypatch, chunk_logits: int) -> None:
+    # Merging layers compute attention explicitly, chunk by chunk, summing the attention received on the way: the
+    # output must equal sdpa and the importance the column mean of the full softmax, in every chunking mode (whole
+    # items per chunk, one item per chunk, groups of heads, single heads), with and without the size bias.
+    import importlib
+
+    from tuner.evoprune import attention_received
+    from tuner.evoprune.adapters import resolve_encoder
+
+    apply_module = importlib.import_module("tuner.evoprune.apply")
+    monkeypatch.setattr(apply_module, "_CHUNK_LOGITS", chunk_logits)
+    attention = resolve_encoder(clip_vision()).layers[0].self_attn
+    hidden = torch.randn(3, 37, 32, generator=torch.Generator().manual_seed(3))
+    bias = torch.rand(3, 1, 1, 37, generator=torch.Generator().manual_seed(4)).log()
+    for mask in (None, bias):
+        with torch.inference_mode():
+            output, keys, importance = apply_module._attention_with_statistics(attention, hidden, mask, True)
+            reference, reference_keys, none = apply_module._attention_with_statistics(attention, hidden, mask, False)
+            shape = (3, 37, 4, 8)
+            query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+            key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+            logits = query @ key.transpose(-1, -2) * attention.scale + (0 if mask is None else mask)
+            expected_importance = attention_received(torch.softmax(logits, dim=-1))
+        assert none is None and importance is not None
+        torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
+        assert torch.equal(keys, reference_keys)
+        torch.testing.assert_close(importance, expected_importance, rtol=1e-5, atol=1e-6)

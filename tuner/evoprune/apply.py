@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tuner.evoprune.adapters import VisionEncoder, resolve_encoder
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
-from tuner.evoprune.merge import TokenState, attention_received, merge_step
+from tuner.evoprune.merge import TokenState, merge_step
 from tuner.evoprune.schedule import Schedule
 
 _HANDLE_ATTRIBUTE = "_evoprune_handle"
@@ -41,8 +41,14 @@ class EvoPruneHandle:
         token_counts: patch tokens after each layer in the last forward (empty before the first).
         sizes: ``[B, T]`` patches each output token stands for, in the last forward.
         source: ``[B, N0]`` index of the output token that covers each original patch, in the last forward.
-        profile: when True, every merge step is timed (with a device synchronisation) into ``merge_seconds``.
-        merge_seconds: time spent scoring, matching and merging since ``profile`` was set.
+        profile: when True, every merge step is timed (with a device synchronisation) into ``merge_seconds``, and
+            so is the cost of the attention statistics: a merging layer that needs them also runs the model's own
+            attention once more, untimed in the total (``profile_seconds``), to tell how much slower the explicit
+            attention was. For measuring overhead only, never for timing the model.
+        merge_seconds: time spent scoring, matching and merging since ``profile`` was set, including the attention
+            statistics' extra cost over the model's own attention.
+        profile_seconds: time the profiling itself added (the extra reference attention); subtract it from a
+            profiled forward's wall time.
     """
 
     def __init__(self, encoder: VisionEncoder, schedule: Schedule) -> None:
@@ -53,6 +59,7 @@ class EvoPruneHandle:
         self.source: torch.Tensor | None = None
         self.profile = False
         self.merge_seconds = 0.0
+        self.profile_seconds = 0.0
         self._patched: list[tuple[nn.Module, str, Any]] = []
 
     @property
@@ -218,12 +225,15 @@ def _merging_layer_forward(
     step = evoprune_step
     scoring = step.handle.schedule.scoring
     residual = hidden_states
-    attention_out, keys, probabilities = _attention_with_statistics(
-        self.self_attn, self.layer_norm1(hidden_states), attention_mask, scoring.needs_attention
+    profile = step.handle.profile
+    normed = self.layer_norm1(hidden_states)
+    if profile and scoring.needs_attention:
+        _profile_attention_statistics(self.self_attn, normed, attention_mask, step.handle)
+    attention_out, keys, importance = _attention_with_statistics(
+        self.self_attn, normed, attention_mask, scoring.needs_attention
     )
     hidden_states = residual + attention_out
 
-    profile = step.handle.profile
     if profile:
         _synchronize(hidden_states)
         started = time.perf_counter()
@@ -235,7 +245,7 @@ def _merging_layer_forward(
         step.state,
         step.remove,
         scoring,
-        attention_received(probabilities)[:, cls:] if probabilities is not None else None,
+        importance[:, cls:] if importance is not None else None,
     )
     hidden_states = torch.cat([hidden_states[:, :cls], patches], dim=1) if cls else patches
     if profile:
@@ -247,29 +257,88 @@ def _merging_layer_forward(
     return residual + hidden_states
 
 
-def _attention_with_statistics(
-    attention: Any, hidden: torch.Tensor, mask: torch.Tensor | None, need_probabilities: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The block's self-attention, also returning the keys averaged over heads and, if asked, the softmax matrix.
+# Logits per chunk of (item, head) pairs in the explicit attention path: about 1 MB of float32, so that a chunk's
+# logits, softmax and column sums stay in a CPU core's cache instead of streaming a [B, H, N, N] matrix through memory
+# four times (and a GPU never holds the whole matrix for a large batch of frames).
+_CHUNK_LOGITS = 1 << 18
 
-    Uses the module's own projections and scale. Without a need for the probabilities it runs sdpa.
+
+def _attention_with_statistics(
+    attention: Any, hidden: torch.Tensor, mask: torch.Tensor | None, need_importance: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The block's self-attention, also returning the keys averaged over heads and, if asked, the attention received.
+
+    Uses the module's own projections and scale. Without a need for the attention received it runs sdpa. With it,
+    the softmax is computed explicitly, chunk by chunk, and the attention each token receives (the column mean of
+    the softmax, heads averaged, scaled by N: :func:`tuner.evoprune.merge.attention_received`) is summed on the way.
+
+    Returns:
+        ``(output [B, N, C], keys [B, N, d], importance [B, N] float32 or None)``.
     """
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, attention.head_dim)
     query = attention.q_proj(hidden).view(shape).transpose(1, 2)
     key = attention.k_proj(hidden).view(shape).transpose(1, 2)
     value = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    probabilities = None
-    if need_probabilities:
-        logits = torch.matmul(query, key.transpose(-1, -2)) * attention.scale
-        if mask is not None:
-            logits = logits + mask
-        probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-        output = torch.matmul(probabilities, value)
+    heads = query.shape[1]
+    importance = None
+    if need_importance:
+        # The scale goes on the queries ([.., N, d]) rather than on the logits ([.., N, N]).
+        query = query * attention.scale
+        output = torch.empty(batch, heads, length, attention.head_dim, device=hidden.device, dtype=query.dtype)
+        received = torch.empty(batch, heads, length, device=hidden.device, dtype=torch.float32)
+        for items, head_group in _chunks(batch, heads, length):
+            logits = torch.matmul(query[items, head_group], key[items, head_group].transpose(-1, -2))
+            if mask is not None:
+                logits = logits.add_(mask[items])
+            probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            torch.sum(probabilities, dim=2, out=received[items, head_group])
+            torch.matmul(probabilities.to(query.dtype), value[items, head_group], out=output[items, head_group])
+        # Column sums over the queries, averaged over the heads: N times the column mean.
+        importance = received.mean(dim=1)
     else:
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scale)
     output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
-    return output, key.mean(dim=1), probabilities
+    return output, key.mean(dim=1), importance
+
+
+def _chunks(batch: int, heads: int, length: int) -> list[tuple[slice, slice]]:
+    """(items, heads) slices whose logits hold about ``_CHUNK_LOGITS`` values: whole items while an item's heads fit,
+    else groups of heads of one item."""
+    per_head = length * length
+    if heads * per_head <= _CHUNK_LOGITS:
+        items = max(1, _CHUNK_LOGITS // (heads * per_head))
+        return [(slice(start, start + items), slice(None)) for start in range(0, batch, items)]
+    group = max(1, _CHUNK_LOGITS // per_head)
+    return [
+        (slice(item, item + 1), slice(start, start + group))
+        for item in range(batch)
+        for start in range(0, heads, group)
+    ]
+
+
+def _profile_attention_statistics(
+    attention: Any, hidden: torch.Tensor, mask: torch.Tensor | None, handle: EvoPruneHandle
+) -> None:
+    """Charge the explicit attention's extra time over the model's own (sdpa) to ``merge_seconds`` (profiling only).
+
+    Both are timed warm (after one untimed run, so neither pays for bringing the weights into the caches); the
+    difference is added signed, so that timing noise averages out over the layers instead of piling up.
+    """
+    _synchronize(hidden)
+    started = time.perf_counter()
+    _attention_with_statistics(attention, hidden, mask, True)  # warm-up
+    _synchronize(hidden)
+    reference_started = time.perf_counter()
+    _attention_with_statistics(attention, hidden, mask, False)
+    _synchronize(hidden)
+    explicit_started = time.perf_counter()
+    _attention_with_statistics(attention, hidden, mask, True)
+    _synchronize(hidden)
+    finished = time.perf_counter()
+    handle.merge_seconds += (finished - explicit_started) - (explicit_started - reference_started)
+    # All three runs are extra work of the profiled forward (the layer then runs its own attention as usual).
+    handle.profile_seconds += finished - started
 
 
 def _synchronize(tensor: torch.Tensor) -> None:
