@@ -301,3 +301,21 @@ def test_chunked_attention_statistics_equal_the_full_softmax(monkeypatch, chunk_
         torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
         assert torch.equal(keys, reference_keys)
         torch.testing.assert_close(importance, expected_importance, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_flow_through_a_merging_forward() -> None:
+    # Fine-tuning with a schedule applied (as ToMe allows) needs autograd through scoring-free paths: the merged
+    # values, the explicit attention and the size-weighted means.
+    model = clip_vision()
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)
+    with apply(model, schedule):
+        loss = model(pixel_values=pixels(2)).last_hidden_state.square().mean()
+        loss.backward()
+    gradient = resolve_encoder_layers(model)[0].self_attn.q_proj.weight.grad
+    assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def resolve_encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    from tuner.evoprune.adapters import resolve_encoder
+
+    return resolve_encoder(model).layers

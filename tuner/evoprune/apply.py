@@ -285,36 +285,42 @@ def _attention_with_statistics(
     if need_importance:
         # The scale goes on the queries ([.., N, d]) rather than on the logits ([.., N, N]).
         query = query * attention.scale
-        output = torch.empty(batch, heads, length, attention.head_dim, device=hidden.device, dtype=query.dtype)
-        received = torch.empty(batch, heads, length, device=hidden.device, dtype=torch.float32)
-        for items, head_group in _chunks(batch, heads, length):
-            logits = torch.matmul(query[items, head_group], key[items, head_group].transpose(-1, -2))
-            if mask is not None:
-                logits = logits.add_(mask[items])
-            probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            torch.sum(probabilities, dim=2, out=received[items, head_group])
-            torch.matmul(probabilities.to(query.dtype), value[items, head_group], out=output[items, head_group])
+        # Chunk results are concatenated rather than written with out=, which autograd does not allow.
+        outputs, received = [], []
+        for items, head_groups in _chunks(batch, heads, length):
+            item_outputs, item_received = [], []
+            for head_group in head_groups:
+                logits = torch.matmul(query[items, head_group], key[items, head_group].transpose(-1, -2))
+                if mask is not None:
+                    logits = logits + mask[items]
+                probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                item_received.append(probabilities.sum(dim=2))
+                item_outputs.append(torch.matmul(probabilities.to(query.dtype), value[items, head_group]))
+            outputs.append(_cat(item_outputs, dim=1))
+            received.append(_cat(item_received, dim=1))
+        output = _cat(outputs, dim=0)
         # Column sums over the queries, averaged over the heads: N times the column mean.
-        importance = received.mean(dim=1)
+        importance = _cat(received, dim=0).mean(dim=1)
     else:
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scale)
     output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
     return output, key.mean(dim=1), importance
 
 
-def _chunks(batch: int, heads: int, length: int) -> list[tuple[slice, slice]]:
-    """(items, heads) slices whose logits hold about ``_CHUNK_LOGITS`` values: whole items while an item's heads fit,
-    else groups of heads of one item."""
+def _chunks(batch: int, heads: int, length: int) -> list[tuple[slice, list[slice]]]:
+    """Slices of items, each with its slices of heads, whose logits hold about ``_CHUNK_LOGITS`` values: several
+    whole items while an item's heads fit, else one item at a time in groups of heads."""
     per_head = length * length
     if heads * per_head <= _CHUNK_LOGITS:
         items = max(1, _CHUNK_LOGITS // (heads * per_head))
-        return [(slice(start, start + items), slice(None)) for start in range(0, batch, items)]
+        return [(slice(start, start + items), [slice(None)]) for start in range(0, batch, items)]
     group = max(1, _CHUNK_LOGITS // per_head)
-    return [
-        (slice(item, item + 1), slice(start, start + group))
-        for item in range(batch)
-        for start in range(0, heads, group)
-    ]
+    head_groups = [slice(start, start + group) for start in range(0, heads, group)]
+    return [(slice(item, item + 1), head_groups) for item in range(batch)]
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _profile_attention_statistics(
