@@ -35,15 +35,20 @@ DEMO_CLASS_NAMES: list[str] = [str(digit) for digit in range(NUM_CLASSES)]
 PATCH_SIZE: int = 8
 """Patch size of the vision encoder: a 64x64 scene gives 8x8 = 64 patch tokens (plus CLS)."""
 
-DEFAULT_BATCH_SIZE: int = 64
+DEFAULT_BATCH_SIZE: int = 72
 """Scenes per forward pass for latency measurements of the demo model.
 
-Chosen so that one unpruned batch is clearly above the README's 50 ms budget on any 2-core CPU we have seen, and a
-pruned one can still get under it. Measured with the shipped weights (torch 2.13, 2 threads, fp32,
-``inference_mode``, sdpa, unpruned, 65 tokens, medians), in quiet moments of shared machines:
-2-core Intel Xeon VM: batch 48: 44-64 ms, batch 64: 62-70 ms; 2-core AMD EPYC: batch 48: 58-84 ms, batch 64:
-about 80-120 ms. Batch 48 was the default until a Xeon machine ran the unpruned model under 50 ms. Under CPU
-contention the same forward takes several times longer.
+Chosen so that one unpruned batch is clearly above the README's 50 ms budget on the 2-core CPUs we have seen, while
+pruning can still bring it under. Medians with the shipped weights (torch 2.13, 2 threads, fp32, ``inference_mode``,
+sdpa, unpruned, 65 tokens, the allocator tuned as ``tuner run`` does), in quiet moments of shared machines:
+
+- 2-core Intel Xeon VM: about 0.9 ms per scene (batch 48: 42 ms, 64: 50-57 ms, 80: 72 ms, 96: 85 ms); pruned to
+  15 tokens about 0.67-0.71 of that, to 8 tokens about 0.57.
+- 2-core AMD EPYC: about 1.2 ms per scene (batch 48: 58 ms; pruned to 15 tokens 0.63 of that).
+
+Batch 48 was the default until the Xeon ran the unpruned model under 50 ms, and 64 read 49-54 ms there inside a
+study; a batch much above 72 would leave the slower machine no schedule under 50 ms. Under CPU contention the same
+forward takes several times longer.
 """
 
 
