@@ -89,13 +89,20 @@ def knn_distinctiveness(
     Returns:
         ``[B, T]`` float32 in [0, 1); high means a unique token.
     """
+    masked = cosine.float().clone()
+    return _knn_distinctiveness(masked, knn_k, tau)
+
+
+def _knn_distinctiveness(cosine: torch.Tensor, knn_k: int, tau: float | str) -> torch.Tensor:
+    """:func:`knn_distinctiveness` on a float32 cosine matrix it may overwrite (its diagonal)."""
     num_tokens = cosine.shape[-1]
     k = min(knn_k, num_tokens - 1)
     if k < 1:
         return torch.zeros(cosine.shape[:2], device=cosine.device, dtype=torch.float32)
-    # A token's cosine with itself is 1, the largest of its row: take K + 1 and drop the first instead of masking the
-    # diagonal (no [B, T, T] copy; only the values are used, so a tie with the token itself changes nothing).
-    neighbour_cos = cosine.float().topk(k + 1, dim=-1).values[..., 1:]
+    # A token is not its own neighbour: its cosine goes below any other (-1 .. 1). The neighbours' order does not
+    # matter (only their values are used), so topk need not sort them.
+    cosine.diagonal(dim1=1, dim2=2).fill_(-2.0)
+    neighbour_cos = cosine.topk(k, dim=-1, sorted=False).values
     squared_distance = (1.0 - neighbour_cos).mul_(2.0).clamp_min_(0.0)
     if tau == "auto":
         # Per item, so that an item's result never depends on the others in its batch. The median distance is the
@@ -192,7 +199,8 @@ def match(
     # B token's part before.
     penalty: torch.Tensor | None = None
     if scoring.w_div > 0:
-        penalty = knn_distinctiveness(cosine, scoring.knn_k, scoring.tau).mul_(scoring.w_div)
+        # The log score above no longer needs the cosine matrix, so the kNN term may overwrite its diagonal.
+        penalty = _knn_distinctiveness(cosine, scoring.knn_k, scoring.tau).mul_(scoring.w_div)
     if scoring.needs_attention:
         if importance is None:
             raise ValueError("these scoring settings need the attention received by each token")
