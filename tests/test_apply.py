@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import (
@@ -22,7 +24,16 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from tuner.evoprune import EvoPruneError, Schedule, ScheduleError, Scoring, UnsupportedModelError, apply
+from tuner.evoprune import (
+    EvoPruneError,
+    Schedule,
+    ScheduleError,
+    Scoring,
+    UnsupportedModelError,
+    apply,
+    attention_received,
+)
+from tuner.evoprune.adapters import resolve_encoder
 
 IMAGE, PATCH, LAYERS = 48, 8, 6  # 36 patch tokens
 VISION = dict(
@@ -278,11 +289,6 @@ def test_chunked_attention_statistics_equal_the_full_softmax(monkeypatch, chunk_
     # Merging layers compute attention explicitly, chunk by chunk, summing the attention received on the way: the
     # output must equal sdpa and the importance the column mean of the full softmax, in every chunking mode (whole
     # items per chunk, one item per chunk, groups of heads, single heads), with and without the size bias.
-    import importlib
-
-    from tuner.evoprune import attention_received
-    from tuner.evoprune.adapters import resolve_encoder
-
     apply_module = importlib.import_module("tuner.evoprune.apply")
     monkeypatch.setattr(apply_module, "_CHUNK_LOGITS", chunk_logits)
     attention = resolve_encoder(clip_vision()).layers[0].self_attn
@@ -304,18 +310,13 @@ def test_chunked_attention_statistics_equal_the_full_softmax(monkeypatch, chunk_
 
 
 def test_gradients_flow_through_a_merging_forward() -> None:
-    # Fine-tuning with a schedule applied (as ToMe allows) needs autograd through scoring-free paths: the merged
-    # values, the explicit attention and the size-weighted means.
+    # Fine-tuning with a schedule applied (as ToMe allows) needs autograd through a merging forward: the explicit,
+    # chunked attention, the merge step's gathers and the size-weighted means.
     model = clip_vision()
     schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=36, tokens_out=12)
     with apply(model, schedule):
         loss = model(pixel_values=pixels(2)).last_hidden_state.square().mean()
         loss.backward()
-    gradient = resolve_encoder_layers(model)[0].self_attn.q_proj.weight.grad
+    gradient = resolve_encoder(model).layers[0].self_attn.q_proj.weight.grad
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
-
-def resolve_encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    from tuner.evoprune.adapters import resolve_encoder
-
-    return resolve_encoder(model).layers

@@ -63,13 +63,8 @@ def attention_received(attention_probs: torch.Tensor) -> torch.Tensor:
         >>> attention_received(probs).mean().item()  # doctest: +ELLIPSIS
         1.0...
     """
-    batch, heads, queries, num_tokens = attention_probs.shape
-    if attention_probs.dtype == torch.float32 and attention_probs.is_contiguous():
-        # One matrix-vector product per item reads the matrix once at memory speed; a reduction over the two
-        # middle dimensions is about twice as slow on a CPU once the matrix outgrows the caches.
-        weights = attention_probs.new_full((batch, 1, heads * queries), num_tokens / (heads * queries))
-        return torch.bmm(weights, attention_probs.view(batch, heads * queries, num_tokens)).view(batch, num_tokens)
-    # Half precision: reduce with a float32 accumulator instead of copying the whole matrix to float32.
+    num_tokens = attention_probs.shape[-1]
+    # Reduce with a float32 accumulator instead of copying the whole [B, H, N, N] matrix to float32.
     return attention_probs.mean(dim=(1, 2), dtype=torch.float32) * num_tokens
 
 
@@ -89,8 +84,8 @@ def knn_distinctiveness(
     Returns:
         ``[B, T]`` float32 in [0, 1); high means a unique token.
     """
-    masked = cosine.float().clone()
-    return _knn_distinctiveness(masked, knn_k, tau)
+    # A float32 copy (one copy also for half precision input): the computation overwrites its diagonal.
+    return _knn_distinctiveness(cosine.to(torch.float32, copy=True), knn_k, tau)
 
 
 def _knn_distinctiveness(cosine: torch.Tensor, knn_k: int, tau: float | str) -> torch.Tensor:
