@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 from tuner.evoprune import Scoring, TokenState, attention_received, knn_distinctiveness, match, merge, merge_step
-from tuner.evoprune.merge import protected_tokens
+from tuner.evoprune.merge import patch_importance, protect_count, protected_tokens
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plain reference: one item at a time, Python loops, written from the method doc (sections 3 and 4).
+# Plain reference: one item at a time, Python loops, written from docs/method.md (sections 3 and 4).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -27,8 +28,9 @@ def reference_step(
     remove: int,
     scoring: Scoring,
     importance: list[float] | None,
-) -> tuple[list[torch.Tensor], list[float], list[int], list[int]]:
-    """Returns the merged tokens, their sizes, their first patches, and for each input token its output index."""
+) -> tuple[list[torch.Tensor], list[float], list[int], list[int], bool]:
+    """Returns the merged tokens, their sizes, their first patches, for each input token its output index, and
+    whether the protection had to be cut below N_protect so that r tokens could go."""
     n = hidden.shape[0]
     a_idx = list(range(0, n, 2))
     b_idx = list(range(1, n, 2))
@@ -48,9 +50,11 @@ def reference_step(
     distinct = [1 - sum(math.exp(-d / (tau * tau)) for d in row) / len(row) for row in neighbour_d2]
 
     protected: set[int] = set()
+    n_protect = 0
     if scoring.ctr > 0:
         assert importance is not None
-        n_protect = max(0, min(int(scoring.ctr * n), n - 2 * remove))
+        # round(ctr * T), half up (docs/method.md, 4), capped at T - 2 r.
+        n_protect = max(0, min(math.floor(Fraction(repr(scoring.ctr)) * n + Fraction(1, 2)), n - 2 * remove))
         by_importance = sorted(range(n), key=lambda t: (-importance[t], t))
         top = set(by_importance[:n_protect])
         for members, limit in ((a_idx, len(a_idx) - remove), (b_idx, len(b_idx) - 1)):
@@ -87,7 +91,8 @@ def reference_step(
     kept = sorted((t for t in range(n) if goes_to[t] == t), key=lambda t: first[t])
     position = {t: p for p, t in enumerate(kept)}
     out = [(values[t] / total[t]).float() for t in kept]
-    return out, [total[t] for t in kept], [first[t] for t in kept], [position[goes_to[t]] for t in range(n)]
+    reduced = len(protected) < n_protect
+    return out, [total[t] for t in kept], [first[t] for t in kept], [position[goes_to[t]] for t in range(n)], reduced
 
 
 SETTINGS = [
@@ -115,15 +120,19 @@ def test_merge_steps_equal_loop_reference(scoring: Scoring, num_tokens: int, ste
         features = torch.randn(batch, hidden.shape[1], 4, generator=generator)
         importance = torch.rand(batch, hidden.shape[1], generator=generator) * 2
         hidden, state = merge_step(hidden, features, state, remove, scoring, importance)
+        ref_reduced = []
         for b in range(batch):
-            out, sizes, first, position = reference_step(
+            out, sizes, first, position, reduced = reference_step(
                 ref_hidden[b], features[b], ref_sizes[b], ref_first[b], remove, scoring, importance[b].tolist()
             )
+            ref_reduced.append(reduced)
             ref_hidden[b] = torch.stack(out)
             ref_sizes[b], ref_first[b] = sizes, first
             ref_source[b] = [position[t] for t in ref_source[b]]
         expected = torch.stack(ref_hidden)
         torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+        flags = state.protection_reduced
+        assert (flags.tolist() if flags is not None else [False] * batch) == ref_reduced
         assert state.sizes.tolist() == ref_sizes
         assert state.first_patch.tolist() == ref_first
         assert state.source.tolist() == ref_source
@@ -271,3 +280,49 @@ def test_merge_keeps_dtype_and_handles_large_sizes_in_half_precision() -> None:
     assert out.dtype == torch.bfloat16
     assert torch.all(out == 300.0)
     assert new_state.sizes.sum().item() == 4000.0
+
+
+def test_protection_count_rounds_half_up() -> None:
+    # N_protect = min(round(ctr * T), T - 2 r), half up: 0.25 * 6 = 1.5 protects 2, 0.35 * 10 = 3.5 protects 4
+    # (not the float product 3.4999999999999996), and T - 2 r still caps it.
+    assert protect_count(0.25, 6, 1) == 2
+    assert protect_count(0.35, 10, 1) == 4
+    assert protect_count(0.25, 577 - 1, 100) == 144
+    assert protect_count(0.1, 14, 1) == 1  # 1.4
+    assert protect_count(0.5, 16, 7) == 2  # 8, capped at 16 - 14
+    assert protect_count(0.0, 16, 1) == 0
+    importance = torch.arange(6.0).flip(0)[None]
+    protected_a, protected_b = protected_tokens(importance, 0.25, 1)
+    assert protected_a.tolist() == [[True, False, False]] and protected_b.tolist() == [[True, False, False]]
+
+
+def test_reduced_protection_is_flagged_per_item() -> None:
+    # Importance ranks: item 0 all A tokens first, item 1 tokens in index order, item 2 all B tokens first.
+    num_tokens, remove = 16, 7
+    importance = torch.zeros(3, num_tokens)
+    importance[0, 0::2] = torch.arange(8, 0, -1).float()
+    importance[1, :8] = torch.arange(8, 0, -1).float()
+    importance[2, 1::2] = torch.arange(8, 0, -1).float()
+    x = torch.randn(3, num_tokens, 4, generator=torch.Generator().manual_seed(1))
+    scoring = Scoring(ctr=0.5)  # N_protect = min(8, 16 - 14) = 2
+    _, state = merge_step(x, x, TokenState.start(3, num_tokens, "cpu"), remove, scoring, importance)
+    assert state.protection_reduced is not None
+    # N_protect is 2: item 0 protects tokens 0 and 2 (both A, cap 1: reduced), item 1 tokens 0 and 1 (one each:
+    # fine), item 2 tokens 1 and 3 (both B, cap 7: fine).
+    assert state.protection_reduced.tolist() == [True, False, False]
+    _, state = merge_step(x, x, TokenState.start(3, num_tokens, "cpu"), remove, Scoring(ctr=0.0, w_div=0.0))
+    assert state.protection_reduced is None
+
+
+def test_importance_is_normalised_over_the_patch_tokens() -> None:
+    # CLS (token 0) takes most of the attention: s~ over the patches still has mean 1, and keeps their ratios.
+    logits = torch.zeros(2, 3, 7, 7)
+    logits[..., 0] = 3.0
+    probs = torch.softmax(logits + torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with_cls = attention_received(probs)
+    patches = attention_received(probs, special_tokens=1)
+    assert with_cls[:, 0].min() > 3  # CLS receives most
+    torch.testing.assert_close(patches.mean(dim=1), torch.ones(2))
+    column_mean = probs.mean(dim=(1, 2))[:, 1:]
+    torch.testing.assert_close(patches, column_mean * 6 / column_mean.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(patch_importance(with_cls, 1), patches)

@@ -10,6 +10,10 @@ Only two kinds of module get an instance-level ``forward`` (their classes are ne
 Every other layer runs its own code, with the model's attention implementation (sdpa by default). Removing the
 handle deletes those attributes, so the model is bit-identical to the untouched one; parameters and buffers are
 never replaced, so ``state_dict`` keys never change.
+
+``apply(..., reducer="slice")`` is a timing oracle, not a method: the same layers shrink by the same counts, but each
+merging layer just keeps its first tokens (no statistics, no scoring, the model's own attention), the cheapest token
+reduction there is. A merging schedule's time against it is what its merging costs over free merging.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +30,12 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tuner.evoprune.adapters import VisionEncoder, resolve_encoder
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
-from tuner.evoprune.merge import TokenState, merge_step
+from tuner.evoprune.merge import TokenState, merge_step, patch_importance
 from tuner.evoprune.schedule import Schedule
 
 _HANDLE_ATTRIBUTE = "_evoprune_handle"
+
+Reducer = Literal["merge", "slice"]
 
 
 class EvoPruneHandle:
@@ -49,22 +55,50 @@ class EvoPruneHandle:
             statistics' extra cost over the model's own attention.
         profile_seconds: time the profiling itself added (the extra reference attention); subtract it from a
             profiled forward's wall time.
+        reducer: ``"merge"`` (EvoPrune) or ``"slice"`` (the timing oracle, see :func:`apply`).
+        attention_chunk_logits: forces how many attention logits one chunk of a merging layer's explicit attention
+            holds (see :func:`attention_chunks`); None (default) picks it per device.
+        ctr_reductions: ``{layer: items}``, per merging layer of the last forward, how many batch items had their
+            CTR protection reduced below the method's ``N_protect`` so that the layer could remove exactly r tokens
+            (a property; see its docstring).
     """
 
-    def __init__(self, encoder: VisionEncoder, schedule: Schedule) -> None:
+    def __init__(self, encoder: VisionEncoder, schedule: Schedule, reducer: Reducer = "merge") -> None:
         self.schedule = schedule
         self.encoder = encoder
+        self.reducer: Reducer = reducer
         self.token_counts: list[int] = []
         self.sizes: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
         self.profile = False
         self.merge_seconds = 0.0
         self.profile_seconds = 0.0
+        self.attention_chunk_logits: int | None = None
+        self._protection_reduced: dict[int, torch.Tensor | None] = {}
         self._patched: list[tuple[nn.Module, str, Any]] = []
 
     @property
     def active(self) -> bool:
         return bool(self._patched)
+
+    @property
+    def ctr_reductions(self) -> dict[int, int]:
+        """Per merging layer of the last forward, how many batch items got less CTR protection than specified.
+
+        The method protects the ``N_protect = min(round(ctr * T), T - 2 r)`` patch tokens that receive the most
+        attention. So that a layer removes exactly ``r`` tokens from every item, protection is further capped at
+        ``|A| - r`` tokens of set A and ``|B| - 1`` of set B (:func:`tuner.evoprune.merge.protected_tokens`); an
+        item where that cap dropped a protected token counts here. Keys are the merging layers' indices (a layer
+        with no such item maps to 0); empty before the first forward, with ``reducer="slice"`` and for an empty
+        schedule. Reading it synchronises with the device once (the flags stay on it during the forward).
+
+        Example: ``{0: 0, 2: 3}`` means layer 2 reduced the protection of 3 items of the batch.
+        """
+        layers = list(self._protection_reduced)
+        flags = [self._protection_reduced[layer] for layer in layers]
+        present = [flag.sum() for flag in flags if flag is not None]
+        counts = iter(torch.stack(present).tolist() if present else [])
+        return {layer: 0 if flag is None else int(next(counts)) for layer, flag in zip(layers, flags, strict=True)}
 
     def remove(self) -> None:
         """Restore the model's own forwards. Safe to call twice."""
@@ -91,12 +125,17 @@ class EvoPruneHandle:
         self._patched.append((module, attribute, previous))
 
 
-def apply(model: nn.Module, schedule: Schedule) -> EvoPruneHandle:
+def apply(model: nn.Module, schedule: Schedule, *, reducer: Reducer = "merge") -> EvoPruneHandle:
     """Apply ``schedule`` to the vision encoder of ``model``.
 
     Args:
         model: a supported transformers model (CLIP or SigLIP vision/dual models, their image classifiers, LLaVA).
         schedule: the per-layer plan; its depth and input tokens must match the encoder.
+        reducer: ``"merge"``, EvoPrune's score-guided merging; or ``"slice"``, a timing oracle for benchmarks: each
+            merging layer runs the model's own attention and keeps its first ``T - r`` patch tokens (CLS stays), no
+            statistics, scoring or merging. Its output is no pruning method; ``sizes`` are then all 1 and ``source``
+            is -1 for a dropped patch. The scoring settings are ignored (with slicing, every size stays 1, so
+            proportional attention's bias would be 0 anyway).
 
     Returns:
         A handle; use it as a context manager or call ``remove()``.
@@ -117,19 +156,22 @@ def apply(model: nn.Module, schedule: Schedule) -> EvoPruneHandle:
         >>> handle.token_counts
         [12, 12, 8, 8]
     """
+    if reducer not in ("merge", "slice"):
+        raise ValueError(f"reducer must be 'merge' or 'slice', got {reducer!r}")
     encoder = resolve_encoder(model)
     _check_fits(encoder, schedule)
     if getattr(encoder.encoder, _HANDLE_ATTRIBUTE, None) is not None:
         raise EvoPruneError("this model already has an EvoPrune schedule applied; remove() that handle first")
-    handle = EvoPruneHandle(encoder, schedule)
+    handle = EvoPruneHandle(encoder, schedule, reducer)
     if schedule.is_empty:
         # Nothing merges: leave every forward untouched (bit-identical by construction).
         handle.token_counts = [schedule.tokens_in] * schedule.num_layers
         return handle
     setattr(encoder.encoder, _HANDLE_ATTRIBUTE, handle)
     handle._patch(encoder.encoder, _make_encoder_forward(handle))
+    layer_forward = _merging_layer_forward if reducer == "merge" else _slicing_layer_forward
     for index in schedule.merge_layers:
-        handle._patch(encoder.layers[index], _merging_layer_forward)
+        handle._patch(encoder.layers[index], layer_forward)
     return handle
 
 
@@ -154,19 +196,33 @@ def _check_fits(encoder: VisionEncoder, schedule: Schedule) -> None:
 
 
 class _Step:
-    """What a merging layer needs from its encoder's forward: the state of this call and the step's settings."""
+    """What a merging layer needs from its encoder's forward: the state of this call and the step's settings.
 
-    def __init__(self, handle: EvoPruneHandle, state: TokenState, remove: int, cls_tokens: int) -> None:
+    ``state`` is None with the slicing reducer (which tracks none); ``chunk_logits`` is the attention chunk budget
+    of this forward (None when no layer computes attention statistics).
+    """
+
+    def __init__(
+        self,
+        handle: EvoPruneHandle,
+        state: TokenState | None,
+        remove: int,
+        cls_tokens: int,
+        chunk_logits: int | None = None,
+    ) -> None:
         self.handle = handle
         self.state = state
         self.remove = remove
         self.cls_tokens = cls_tokens
+        self.chunk_logits = chunk_logits
 
 
 def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutput]:
     schedule = handle.schedule
     cls_tokens = 1 if handle.encoder.has_cls else 0
-    proportional = schedule.scoring.proportional_attention
+    slicing = handle.reducer == "slice"
+    proportional = schedule.scoring.proportional_attention and not slicing
+    needs_attention = schedule.scoring.needs_attention and not slicing
 
     def encoder_forward(
         self: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
@@ -182,23 +238,38 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
                 "(another image size?); make a schedule for this resolution"
             )
         # The state lives in this call only, so concurrent or nested forwards never share it.
-        state = TokenState.start(batch, num_patches, hidden.device)
+        state = None if slicing else TokenState.start(batch, num_patches, hidden.device)
+        chunk_logits = None
+        if needs_attention:
+            # Once per forward: on a GPU the default budget asks the driver for its free memory.
+            chunk_logits = handle.attention_chunk_logits or default_chunk_logits(hidden.device, hidden.dtype)
         counts: list[int] = []
+        reduced: dict[int, torch.Tensor | None] = {}
         mask: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
             remove = schedule.remove_per_layer[index]
             if remove > 0:
-                step = _Step(handle, state, remove, cls_tokens)
+                step = _Step(handle, state, remove, cls_tokens, chunk_logits)
                 hidden = layer(hidden, mask, evoprune_step=step, **kwargs)
-                state = step.state
-                if proportional:
-                    mask = _size_bias(state.sizes, cls_tokens, hidden.dtype)
+                if step.state is not None:
+                    state = step.state
+                    reduced[index] = state.protection_reduced
+                    if proportional:
+                        mask = _size_bias(state.sizes, cls_tokens, hidden.dtype)
             else:
                 hidden = layer(hidden, mask, **kwargs)
             counts.append(hidden.shape[1] - cls_tokens)
         handle.token_counts = counts
-        handle.sizes = state.sizes
-        handle.source = state.source
+        handle._protection_reduced = reduced
+        if state is None:
+            # Slicing kept the first tokens: token i is patch i, the other patches were dropped.
+            kept = counts[-1]
+            handle.sizes = torch.ones(batch, kept, device=hidden.device, dtype=torch.float32)
+            patch = torch.arange(num_patches, device=hidden.device)
+            handle.source = torch.where(patch < kept, patch, -1).expand(batch, num_patches)
+        else:
+            handle.sizes = state.sizes
+            handle.source = state.source
         return BaseModelOutput(last_hidden_state=hidden)
 
     return encoder_forward
@@ -206,7 +277,8 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
 
 def _size_bias(sizes: torch.Tensor, cls_tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive key bias ``log(size)`` of proportional attention, ``[B, 1, 1, N]`` (CLS has size 1)."""
-    bias = sizes.log()
+    # The log in float32 at least (float64 for a float64 model), then the model's dtype.
+    bias = sizes.to(torch.promote_types(dtype, torch.float32)).log()
     if cls_tokens:
         bias = F.pad(bias, (cls_tokens, 0))
     return bias.to(dtype)[:, None, None, :]
@@ -223,14 +295,15 @@ def _merging_layer_forward(
         # Called outside its encoder's loop (someone runs the block alone): behave as the block's own code.
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     step = evoprune_step
+    assert step.state is not None, "a merging layer runs with the merge reducer, which tracks the token state"
     scoring = step.handle.schedule.scoring
     residual = hidden_states
     profile = step.handle.profile
     normed = self.layer_norm1(hidden_states)
     if profile and scoring.needs_attention:
-        _profile_attention_statistics(self.self_attn, normed, attention_mask, step.handle)
-    attention_out, keys, importance = _attention_with_statistics(
-        self.self_attn, normed, attention_mask, scoring.needs_attention
+        _profile_attention_statistics(self.self_attn, normed, attention_mask, step.handle, step.chunk_logits)
+    attention_out, keys, received = _attention_with_statistics(
+        self.self_attn, normed, attention_mask, scoring.needs_attention, step.chunk_logits
     )
     hidden_states = residual + attention_out
 
@@ -239,13 +312,10 @@ def _merging_layer_forward(
         started = time.perf_counter()
     cls = step.cls_tokens
     features = keys if scoring.features == "keys" else hidden_states
+    # s~: the attention received, normalised to mean 1 over the patch tokens (CLS excluded; docs/method.md, 4).
+    importance = patch_importance(received, cls) if received is not None else None
     patches, step.state = merge_step(
-        hidden_states[:, cls:],
-        features[:, cls:],
-        step.state,
-        step.remove,
-        scoring,
-        importance[:, cls:] if importance is not None else None,
+        hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, importance
     )
     hidden_states = torch.cat([hidden_states[:, :cls], patches], dim=1) if cls else patches
     if profile:
@@ -257,23 +327,117 @@ def _merging_layer_forward(
     return residual + hidden_states
 
 
-# Logits per chunk of (item, head) pairs in the explicit attention path: about 1 MB of float32, so that a chunk's
-# logits, softmax and column sums stay in a CPU core's cache instead of streaming a [B, H, N, N] matrix through memory
-# four times (and a GPU never holds the whole matrix for a large batch of frames).
+def _slicing_layer_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    evoprune_step: _Step | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """A merging layer of the timing oracle: the block's own attention, then keep the first ``N - r`` tokens."""
+    if evoprune_step is None:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    residual = hidden_states
+    attention_out, _ = self.self_attn(
+        hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
+    )
+    hidden_states = (residual + attention_out)[:, : hidden_states.shape[1] - evoprune_step.remove]
+    residual = hidden_states
+    hidden_states = self.mlp(self.layer_norm2(hidden_states))
+    return residual + hidden_states
+
+
+# Logits per chunk of (item, head) pairs in the explicit attention path on a CPU: about 1 MB of float32, so that a
+# chunk's logits, softmax and column sums stay in a CPU core's cache instead of streaming a [B, H, N, N] matrix
+# through memory four times.
 _CHUNK_LOGITS = 1 << 18
+# On a GPU, cache blocking buys nothing and every chunk costs several kernel launches from a Python loop, so a chunk
+# takes as many logits as fit in this share of the memory available now, at this many bytes of temporaries per
+# logit and element byte (logits, logits + bias, probabilities in the model's dtype) plus 4 (float32 softmax).
+_GPU_MEMORY_SHARE = 0.25
+_GPU_TEMPORARIES = 3
+# Beyond this a chunk saves no launch worth having, and tensors stay under 2**31 elements (32-bit kernel indexing).
+_GPU_MAX_CHUNK_LOGITS = 1 << 30
+
+
+def default_chunk_logits(device: torch.device | str, dtype: torch.dtype = torch.float32) -> int:
+    """How many attention logits one chunk of the explicit attention may hold on ``device`` by default.
+
+    A CPU (and any device but CUDA) gets ``2**18`` (about 1 MB of float32: a core's cache). A CUDA device gets a
+    quarter of the memory available now (free on the device plus cached by PyTorch's allocator but unused), at
+    ``3 * itemsize + 4`` bytes of temporaries per logit, between ``2**18`` and ``2**30`` logits; for a 64-frame
+    SigLIP so400m batch in fp16 (16 x 64 x 729**2 = 0.54e9 logits, 5.4 GB of temporaries) on a GPU with 22 GB or
+    more available that is one batched computation per layer.
+
+    Args:
+        device: where the attention runs.
+        dtype: the model's dtype (the logits' element size).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _CHUNK_LOGITS
+    free, _ = torch.cuda.mem_get_info(device)
+    available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    bytes_per_logit = _GPU_TEMPORARIES * dtype.itemsize + 4
+    budget = int(available * _GPU_MEMORY_SHARE) // bytes_per_logit
+    return max(_CHUNK_LOGITS, min(_GPU_MAX_CHUNK_LOGITS, budget))
+
+
+def attention_chunks(
+    batch: int, heads: int, length: int, device: torch.device | str = "cpu", budget: int | None = None
+) -> list[tuple[slice, list[slice]]]:
+    """How the explicit attention of a merging layer is split: slices of items, each with its slices of heads.
+
+    Each chunk's logits hold at most ``budget`` values (at least one head of one item). Three modes follow from it:
+
+    - ``budget >= batch * heads * length**2``: one chunk, a single batched computation;
+    - ``budget >= heads * length**2``: chunks of whole items (``budget // (heads * length**2)`` items each);
+    - otherwise one item at a time, in groups of ``max(1, budget // length**2)`` heads.
+
+    Args:
+        batch: items (frames) in the batch.
+        heads: attention heads.
+        length: tokens (queries and keys).
+        device: where it runs; picks the default budget (:func:`default_chunk_logits`).
+        budget: logits per chunk, forcing a mode; None for the device's default.
+
+    Returns:
+        ``[(items, [heads, ...]), ...]``, slices to index dims 0 and 1 of ``[B, H, N, d]``.
+
+    Example:
+        >>> attention_chunks(4, 2, 10, budget=4 * 2 * 100)
+        [(slice(0, 4, None), [slice(None, None, None)])]
+        >>> len(attention_chunks(4, 2, 10, budget=2 * 100)), attention_chunks(1, 2, 10, budget=100)[0][1]
+        (4, [slice(0, 1, None), slice(1, 2, None)])
+    """
+    if budget is None:
+        budget = default_chunk_logits(device)
+    per_head = length * length
+    if heads * per_head <= budget:
+        items = max(1, budget // (heads * per_head))
+        return [(slice(start, start + items), [slice(None)]) for start in range(0, batch, items)]
+    group = max(1, budget // per_head)
+    head_groups = [slice(start, start + group) for start in range(0, heads, group)]
+    return [(slice(item, item + 1), head_groups) for item in range(batch)]
 
 
 def _attention_with_statistics(
-    attention: Any, hidden: torch.Tensor, mask: torch.Tensor | None, need_importance: bool
+    attention: Any,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    need_importance: bool,
+    chunk_logits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block's self-attention, also returning the keys averaged over heads and, if asked, the attention received.
 
     Uses the module's own projections and scale. Without a need for the attention received it runs sdpa. With it,
-    the softmax is computed explicitly, chunk by chunk, and the attention each token receives (the column mean of
-    the softmax, heads averaged, scaled by N: :func:`tuner.evoprune.merge.attention_received`) is summed on the way.
+    the softmax is computed explicitly, in the chunks of :func:`attention_chunks` (``chunk_logits`` logits each,
+    None for the device's default), and the column sums of the softmax are summed on the way.
 
     Returns:
-        ``(output [B, N, C], keys [B, N, d], importance [B, N] float32 or None)``.
+        ``(output [B, N, C], keys [B, N, d], received [B, N] or None)``: ``received`` is the attention each token
+        receives, every query counted, averaged over heads (N times the column mean; float32, float64 for a float64
+        model); :func:`tuner.evoprune.merge.patch_importance` turns it into the importance ``s~``.
     """
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, attention.head_dim)
@@ -285,15 +449,16 @@ def _attention_with_statistics(
     if need_importance:
         # The scale goes on the queries ([.., N, d]) rather than on the logits ([.., N, N]).
         query = query * attention.scale
+        softmax_dtype = torch.promote_types(query.dtype, torch.float32)
         # Chunk results are concatenated rather than written with out=, which autograd does not allow.
         outputs, received = [], []
-        for items, head_groups in _chunks(batch, heads, length):
+        for items, head_groups in attention_chunks(batch, heads, length, hidden.device, chunk_logits):
             item_outputs, item_received = [], []
             for head_group in head_groups:
                 logits = torch.matmul(query[items, head_group], key[items, head_group].transpose(-1, -2))
                 if mask is not None:
                     logits = logits + mask[items]
-                probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                probabilities = torch.softmax(logits, dim=-1, dtype=softmax_dtype)
                 item_received.append(probabilities.sum(dim=2))
                 item_outputs.append(torch.matmul(probabilities.to(query.dtype), value[items, head_group]))
             outputs.append(_cat(item_outputs, dim=1))
@@ -307,24 +472,16 @@ def _attention_with_statistics(
     return output, key.mean(dim=1), importance
 
 
-def _chunks(batch: int, heads: int, length: int) -> list[tuple[slice, list[slice]]]:
-    """Slices of items, each with its slices of heads, whose logits hold about ``_CHUNK_LOGITS`` values: several
-    whole items while an item's heads fit, else one item at a time in groups of heads."""
-    per_head = length * length
-    if heads * per_head <= _CHUNK_LOGITS:
-        items = max(1, _CHUNK_LOGITS // (heads * per_head))
-        return [(slice(start, start + items), [slice(None)]) for start in range(0, batch, items)]
-    group = max(1, _CHUNK_LOGITS // per_head)
-    head_groups = [slice(start, start + group) for start in range(0, heads, group)]
-    return [(slice(item, item + 1), head_groups) for item in range(batch)]
-
-
 def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _profile_attention_statistics(
-    attention: Any, hidden: torch.Tensor, mask: torch.Tensor | None, handle: EvoPruneHandle
+    attention: Any,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    handle: EvoPruneHandle,
+    chunk_logits: int | None = None,
 ) -> None:
     """Charge the explicit attention's extra time over the model's own (sdpa) to ``merge_seconds`` (profiling only).
 
@@ -333,13 +490,13 @@ def _profile_attention_statistics(
     """
     _synchronize(hidden)
     started = time.perf_counter()
-    _attention_with_statistics(attention, hidden, mask, True)  # warm-up
+    _attention_with_statistics(attention, hidden, mask, True, chunk_logits)  # warm-up
     _synchronize(hidden)
     reference_started = time.perf_counter()
     _attention_with_statistics(attention, hidden, mask, False)
     _synchronize(hidden)
     explicit_started = time.perf_counter()
-    _attention_with_statistics(attention, hidden, mask, True)
+    _attention_with_statistics(attention, hidden, mask, True, chunk_logits)
     _synchronize(hidden)
     finished = time.perf_counter()
     handle.merge_seconds += (finished - explicit_started) - (explicit_started - reference_started)

@@ -2,7 +2,7 @@
 
 Only the transformer layers are counted: patch embedding, layer norms, softmax, biases, the merge step itself and the
 post-encoder projector are left out, so a FLOPs ratio is an upper bound on the encoder speedup a schedule can give
-(the method doc, section 7: the paper's merging encoder was measured *slower* than native because of merge overhead).
+(docs/method.md, section 7: the paper's merging encoder was measured *slower* than native because of merge overhead).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One EvoPrune merge step: score-guided bipartite matching with size-weighted merging.
 
-Pure tensor code with no model knowledge (the method doc, sections 3 and 4). Every function works on the *patch*
+Pure tensor code with no model knowledge (docs/method.md, sections 3 and 4). Every function works on the *patch*
 tokens of one layer for a batch of items; each item is matched and merged on its own, so an item's result never
 depends on the other items of the batch. The caller keeps CLS (or any other special token) out of these tensors.
 
@@ -10,6 +10,7 @@ Shapes: ``B`` items, ``T`` patch tokens, ``C`` channels, ``D`` feature channels,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,11 @@ from tuner.evoprune.scoring import Scoring
 
 # (1 + cos) / 2 is 0 for opposite tokens; the floor keeps log() finite so that w_sim * log(.) never meets 0 * -inf.
 _SIMILARITY_FLOOR = 1e-6
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precision and float32 inputs, float64 for float64 ones (scores, means and statistics)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
@@ -29,11 +35,15 @@ class TokenState:
         source: ``[B, N0]`` int64, for every original patch the index of the token that now covers it.
         first_patch: ``[B, T]`` int64, the smallest original patch index a token covers; it orders the tokens.
             It could be derived from ``source`` but carrying it costs one gather per step instead of a scatter.
+        protection_reduced: ``[B]`` bool, set by :func:`merge_step` on the state it returns: for each item, whether
+            that step protected fewer tokens than the method's ``N_protect`` so that it could remove exactly r
+            (see :func:`protected_tokens`); None when the step protected nothing (CTR 0) or no step made this state.
     """
 
     sizes: torch.Tensor
     source: torch.Tensor
     first_patch: torch.Tensor
+    protection_reduced: torch.Tensor | None = None
 
     @classmethod
     def start(cls, batch_size: int, num_patches: int, device: torch.device | str) -> TokenState:
@@ -47,25 +57,49 @@ class TokenState:
         return int(self.sizes.shape[1])
 
 
-def attention_received(attention_probs: torch.Tensor) -> torch.Tensor:
-    """Attention each token *receives*: the column mean of the softmax matrix, averaged over heads.
+def attention_received(attention_probs: torch.Tensor, special_tokens: int = 0) -> torch.Tensor:
+    """Attention each patch token *receives*: the column mean of the softmax matrix, averaged over heads.
 
-    The paper prints the row mean, which is constantly ``1 / N`` because softmax rows sum to 1 (method doc, 4).
+    The paper prints the row mean, which is constantly ``1 / N`` because softmax rows sum to 1 (docs/method.md, 4). Every
+    query counts (a CLS query too); the result covers the patch tokens only and is normalised over them
+    (:func:`patch_importance`), so its mean is 1 whatever share of the attention the special tokens take.
 
     Args:
         attention_probs: ``[B, H, N, N]`` softmax probabilities (queries on dim 2, keys on dim 3).
+        special_tokens: leading tokens that are not patches (1 for CLIP's CLS, 0 for SigLIP).
 
     Returns:
-        ``[B, N]`` float32, scaled by ``N`` so that its mean over the tokens is 1.
+        ``[B, N - special_tokens]`` float32 (float64 for float64 input), mean 1 over the patch tokens of each item.
 
     Example:
         >>> probs = torch.softmax(torch.randn(1, 2, 5, 5), dim=-1)
-        >>> attention_received(probs).mean().item()  # doctest: +ELLIPSIS
-        1.0...
+        >>> round(attention_received(probs).mean().item(), 4)
+        1.0
+        >>> patches = attention_received(probs, special_tokens=1)
+        >>> tuple(patches.shape), round(patches.mean().item(), 4)
+        ((1, 4), 1.0)
     """
-    num_tokens = attention_probs.shape[-1]
     # Reduce with a float32 accumulator instead of copying the whole [B, H, N, N] matrix to float32.
-    return attention_probs.mean(dim=(1, 2), dtype=torch.float32) * num_tokens
+    received = attention_probs.sum(dim=(1, 2), dtype=_accumulation_dtype(attention_probs.dtype))
+    return patch_importance(received, special_tokens)
+
+
+def patch_importance(received: torch.Tensor, special_tokens: int = 0) -> torch.Tensor:
+    """The importance ``s~`` of docs/method.md (section 4): attention received, normalised to mean 1 over patches.
+
+    ``s~_i = T * s_i / sum_{j in patches} s_j`` over the ``T`` patch tokens, so the special tokens (CLS) neither count
+    nor shift the scale: the ``w_attn`` term weighs the same on a model with and without CLS.
+
+    Args:
+        received: ``[B, N]`` attention received by every token, in any positive scale (column sums or means).
+        special_tokens: leading tokens to leave out.
+
+    Returns:
+        ``[B, N - special_tokens]`` in the accumulation dtype (float32, or float64 for float64 input).
+    """
+    patches = received[:, special_tokens:].to(_accumulation_dtype(received.dtype))
+    total = patches.sum(dim=1, keepdim=True).clamp_min_(torch.finfo(patches.dtype).tiny)
+    return patches * (patches.shape[1] / total)
 
 
 def knn_distinctiveness(
@@ -82,18 +116,18 @@ def knn_distinctiveness(
         tau: a positive number, or ``"auto"`` for the median kNN distance of each item.
 
     Returns:
-        ``[B, T]`` float32 in [0, 1); high means a unique token.
+        ``[B, T]`` float32 (float64 for float64 input) in [0, 1); high means a unique token.
     """
     # A float32 copy (one copy also for half precision input): the computation overwrites its diagonal.
-    return _knn_distinctiveness(cosine.to(torch.float32, copy=True), knn_k, tau)
+    return _knn_distinctiveness(cosine.to(_accumulation_dtype(cosine.dtype), copy=True), knn_k, tau)
 
 
 def _knn_distinctiveness(cosine: torch.Tensor, knn_k: int, tau: float | str) -> torch.Tensor:
-    """:func:`knn_distinctiveness` on a float32 cosine matrix it may overwrite (its diagonal)."""
+    """:func:`knn_distinctiveness` on a float32/64 cosine matrix it may overwrite (its diagonal)."""
     num_tokens = cosine.shape[-1]
     k = min(knn_k, num_tokens - 1)
     if k < 1:
-        return torch.zeros(cosine.shape[:2], device=cosine.device, dtype=torch.float32)
+        return torch.zeros(cosine.shape[:2], device=cosine.device, dtype=cosine.dtype)
     # A token is not its own neighbour: its cosine goes below any other (-1 .. 1). The neighbours' order does not
     # matter (only their values are used), so topk need not sort them.
     cosine.diagonal(dim1=1, dim2=2).fill_(-2.0)
@@ -110,12 +144,27 @@ def _knn_distinctiveness(cosine: torch.Tensor, knn_k: int, tau: float | str) -> 
     return 1.0 - kernel.mean(dim=-1)
 
 
+def protect_count(ctr: float, num_tokens: int, remove: int) -> int:
+    """The method's ``N_protect = min(round(ctr * T), T - 2 r)``, rounded half up (0.25 * 6 = 1.5 protects 2).
+
+    Example:
+        >>> protect_count(0.25, 6, 1), protect_count(0.25, 576, 100), protect_count(0.15, 10, 1)
+        (2, 144, 2)
+    """
+    # Decimal of the shortest repr, so that e.g. 0.35 * 10 is 3.5 (rounds to 4), not 3.4999999999999996.
+    wanted = int((Decimal(repr(float(ctr))) * num_tokens).to_integral_value(rounding=ROUND_HALF_UP))
+    return max(0, min(wanted, num_tokens - 2 * remove))
+
+
 def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CTR hard protection: which tokens of set A and set B may neither merge nor receive.
 
-    The top ``min(floor(ctr * T), T - 2 r)`` tokens by attention received are protected (method doc, 4). So that the
-    step always removes exactly ``r`` tokens (every item of a batch keeps the same length), protection inside A is
-    further capped at ``|A| - r`` tokens and inside B at ``|B| - 1``, dropping the least important protected ones.
+    The top ``N_protect = min(round(ctr * T), T - 2 r)`` tokens by attention received are protected (docs/method.md, 4;
+    :func:`protect_count`, rounded half up). So that the step always removes exactly ``r`` tokens (every item of a
+    batch keeps the same length), protection inside A is further capped at ``|A| - r`` tokens and inside B at
+    ``|B| - 1``, dropping the least important protected ones. That cap is a deviation from the method: the step
+    reports, per item, whether it applied (:attr:`TokenState.protection_reduced`; ``EvoPruneHandle.ctr_reductions``
+    counts the items per layer).
 
     Args:
         importance: ``[B, T]`` attention received by each patch token.
@@ -125,17 +174,20 @@ def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple
     Returns:
         ``(protected_a, protected_b)``: bool masks ``[B, |A|]`` and ``[B, |B|]``.
     """
-    mask = _protected_mask(importance, ctr, remove)
-    if mask is None:
+    protection = _protection(importance, ctr, remove)
+    if protection is None:
         mask = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
+    else:
+        mask = protection[0]
     return mask[:, 0::2], mask[:, 1::2]
 
 
-def _protected_mask(importance: torch.Tensor, ctr: float, remove: int) -> torch.Tensor | None:
-    """:func:`protected_tokens` as one ``[B, T]`` mask, or None when nothing is protected."""
+def _protection(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`protected_tokens` as one ``[B, T]`` mask, with the ``[B]`` flags of the items whose protection was
+    reduced below ``N_protect``; None when nothing is protected."""
     batch, num_tokens = importance.shape
     num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
-    num_protect = max(0, min(int(ctr * num_tokens), num_tokens - 2 * remove))
+    num_protect = protect_count(ctr, num_tokens, remove)
     if num_protect == 0:
         return None
     # The candidates, most important first (ties to the lower index); walking them in that order, a token is kept
@@ -147,7 +199,8 @@ def _protected_mask(importance: torch.Tensor, ctr: float, remove: int) -> torch.
     walked = torch.arange(1, num_protect + 1, device=importance.device)
     keep = torch.where(in_b.bool(), count_b < num_b, walked - count_b <= num_a - remove)
     mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=importance.device)
-    return mask.scatter_(1, candidates, keep)
+    # Flags stay on the device (no host synchronisation); whoever reports them reads them once, after the forward.
+    return mask.scatter_(1, candidates, keep), ~keep.all(dim=1)
 
 
 def match(
@@ -165,16 +218,30 @@ def match(
         features: ``[B, T, D]`` token features (keys averaged over heads, or hidden states).
         remove: r, at most ``T // 2``.
         scoring: the weights, CTR and kNN settings.
-        importance: ``[B, T]`` attention received (mean 1); required when ``scoring.needs_attention``.
+        importance: ``[B, T]`` attention received (mean 1 over the patch tokens, :func:`patch_importance`); required
+            when ``scoring.needs_attention``.
 
     Returns:
         ``(src, dst)``: ``[B, r]`` indices into A of the tokens that merge, and ``[B, r]`` indices into B of
         the tokens they merge into. ``src`` is ordered by decreasing score.
     """
+    src, dst, _ = _match(features, remove, scoring, importance)
+    return src, dst
+
+
+def _match(
+    features: torch.Tensor,
+    remove: int,
+    scoring: Scoring,
+    importance: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`match`, also returning the ``[B]`` flags of the items whose CTR protection was reduced (None: no
+    protection in this step)."""
     num_tokens = features.shape[1]
     if not 0 < remove <= num_tokens // 2:
         raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
-    normed = F.normalize(features.float(), dim=-1)
+    compute_dtype = _accumulation_dtype(features.dtype)
+    normed = F.normalize(features.to(compute_dtype), dim=-1)
     if scoring.w_div > 0:
         cosine = normed @ normed.transpose(1, 2)
         cosine_ab = cosine[:, 0::2, 1::2]
@@ -187,12 +254,13 @@ def match(
         if scoring.w_sim != 1.0:
             log_score.mul_(scoring.w_sim)
     else:
-        log_score = torch.zeros(cosine_ab.shape, device=features.device, dtype=torch.float32)
+        log_score = torch.zeros(cosine_ab.shape, device=features.device, dtype=compute_dtype)
 
     # Penalties of one token: w_div * d + w_attn * s~, and +inf for a CTR-protected token (so that it neither merges
     # nor receives). The A token's part does not change its choice of partner, so it is added after the argmax; the
     # B token's part before.
     penalty: torch.Tensor | None = None
+    reduced: torch.Tensor | None = None
     if scoring.w_div > 0:
         # The log score above no longer needs the cosine matrix, so the kNN term may overwrite its diagonal.
         penalty = _knn_distinctiveness(cosine, scoring.knn_k, scoring.tau).mul_(scoring.w_div)
@@ -200,13 +268,14 @@ def match(
         if importance is None:
             raise ValueError("these scoring settings need the attention received by each token")
         if scoring.w_attn > 0:
-            attention_penalty = importance.float() * scoring.w_attn
+            attention_penalty = importance.to(compute_dtype) * scoring.w_attn
             penalty = attention_penalty if penalty is None else penalty.add_(attention_penalty)
-        protected = _protected_mask(importance, scoring.ctr, remove) if scoring.ctr > 0 else None
-        if protected is not None:
+        protection = _protection(importance, scoring.ctr, remove) if scoring.ctr > 0 else None
+        if protection is not None:
+            protected, reduced = protection
             # A mask, not a multiplication: a negative log score times -inf would be +inf.
             if penalty is None:
-                penalty = torch.zeros(protected.shape, device=protected.device, dtype=torch.float32)
+                penalty = torch.zeros(protected.shape, device=protected.device, dtype=compute_dtype)
             penalty = penalty.masked_fill_(protected, float("inf"))
 
     if penalty is not None:
@@ -218,7 +287,7 @@ def match(
     order = torch.argsort(best_score, dim=-1, descending=True, stable=True)
     src = order[:, :remove]
     dst = best_partner.gather(1, src)
-    return src, dst
+    return src, dst, reduced
 
 
 def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
@@ -284,13 +353,15 @@ def merge(
 
     # Every kept token as it is (tokens that take no part pass through bit-identical), then the r destinations
     # overwritten by their size-weighted means. A destination that receives several A tokens appears several times
-    # in dst, with the same value each time. Weighted sums in float32: sizes reach hundreds and fp16 would overflow.
-    src_values = _take_tokens(hidden, src_pos).float().mul_(src_sizes[..., None])
-    received = torch.zeros(batch * num_b, channels, device=device, dtype=torch.float32)
+    # in dst, with the same value each time. Weighted sums in float32 (float64 for float64 tokens): sizes reach
+    # hundreds and fp16 would overflow.
+    sum_dtype = _accumulation_dtype(hidden.dtype)
+    src_values = _take_tokens(hidden, src_pos).to(sum_dtype).mul_(src_sizes[..., None])
+    received = torch.zeros(batch * num_b, channels, device=device, dtype=sum_dtype)
     received.index_add_(0, _flat_rows(dst, num_b), src_values.view(-1, channels))
     dst_means = (
         _take_tokens(hidden, dst_pos)
-        .float()
+        .to(sum_dtype)
         .mul_(state.sizes.gather(1, dst_pos)[..., None])
         .add_(_take_tokens(received.view(batch, num_b, channels), dst))
         .div_(sizes.gather(1, dst_pos)[..., None])
@@ -324,10 +395,12 @@ def merge_step(
         state: the carried sizes, source map and order keys.
         remove: r, how many tokens this step removes (0 returns the inputs).
         scoring: the scoring settings.
-        importance: ``[B, T]`` attention received (mean 1), needed when ``scoring.needs_attention``.
+        importance: ``[B, T]`` attention received (mean 1 over the patch tokens), needed when
+            ``scoring.needs_attention``.
 
     Returns:
-        ``[B, T - r, C]`` tokens and the new state.
+        ``[B, T - r, C]`` tokens and the new state; its ``protection_reduced`` flags the items whose CTR protection
+        this step had to reduce (None when it protected nothing).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -340,5 +413,7 @@ def merge_step(
     """
     if remove == 0:
         return hidden, state
-    src, dst = match(features, remove, scoring, importance)
-    return merge(hidden, state, src, dst)
+    src, dst, reduced = _match(features, remove, scoring, importance)
+    merged, new_state = merge(hidden, state, src, dst)
+    new_state.protection_reduced = reduced
+    return merged, new_state

@@ -1,4 +1,4 @@
-"""Per-layer token-merging schedules (the method doc, section 5) and the presets of the paper's schedule families.
+"""Per-layer token-merging schedules (docs/method.md, section 5) and the presets of the paper's schedule families.
 
 A :class:`Schedule` says how many patch tokens (a CLS token is never counted) each encoder layer merges away. Layer
 ``l`` receives ``T_l`` patch tokens (``T_0 = tokens_in``) and removes ``r_l`` of them, ``0 <= r_l <= T_l // 2`` (one

@@ -1,4 +1,4 @@
-"""Scoring settings of one merge step (the method doc, section 4)."""
+"""Scoring settings of one merge step (docs/method.md, section 4)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ class Scoring:
     Args:
         w_sim: weight of the similarity attraction (cosine of ``features``).
         w_div: weight of the diversity penalty (kNN distinctiveness ``d``, the paper's lambda_d).
-        w_attn: weight of the soft attention-importance penalty (``s~`` = attention received, mean 1).
-        ctr: share of patch tokens protected from merging, by attention received (the paper's CTR, 0.25).
+        w_attn: weight of the soft attention-importance penalty (``s~`` = attention received, normalised to mean 1
+            over the patch tokens; CLS neither counts nor shifts the scale).
+        ctr: share of patch tokens protected from merging, by attention received (the paper's CTR, 0.25):
+            ``min(round(ctr * T), T - 2 r)`` tokens, rounded half up. Where a step can only remove its r tokens by
+            protecting fewer, it does, and the handle counts the items (``EvoPruneHandle.ctr_reductions``).
         features: ``"keys"`` (attention keys averaged over heads, as ToMe) or ``"hidden"`` (the hidden states).
         knn_k: K of the kNN distinctiveness.
         tau: kNN temperature; ``"auto"`` is the median kNN distance of the layer, per image.

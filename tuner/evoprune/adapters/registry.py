@@ -79,9 +79,7 @@ def resolve_encoder(model: nn.Module) -> VisionEncoder:
         found = resolver(model)
         if found is not None:
             return found
-    raise UnsupportedModelError(
-        f"unsupported model {type(model).__name__}; supported: {', '.join(supported_models())}"
-    )
+    raise UnsupportedModelError(f"unsupported model {type(model).__name__}; supported: {', '.join(supported_models())}")
 
 
 def _load_builtin_adapters() -> None:
