@@ -3,7 +3,8 @@
 Runs a small demo study through the same code as ``tuner run`` (real SQLite storage in a temporary folder, the real
 sampler, the demo evaluator) and reports, per trial, the wall time (from one trial's end to the next: the sampler,
 storage writes, schedule building, applying the schedule, and the forward passes) against the time inside forward
-passes (the accuracy pass over the calibration subset and the latency measurement). Target: overhead <= 5%.
+passes (the accuracy pass over the calibration subset and the latency measurement, interleaved with the unpruned
+model). Target: overhead <= 5%.
 
     python benchmarks/tuner_overhead.py                  # the run defaults (tpe, demo calib/batch)
     python benchmarks/tuner_overhead.py --trials 60 --sampler nsga2 --per-trial
@@ -23,13 +24,13 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators import LatencyMeter, get_evaluator, parse_budget  # noqa: E402
+from evaluators import get_evaluator, parse_budget  # noqa: E402
 from tuner.study import (  # noqa: E402
     RunOptions,
     StudyRunner,
     TrialOutcome,
     create_or_resume,
-    evaluator_dtype,
+    latency_source_for,
     open_storage,
     tune_allocator,
 )
@@ -45,7 +46,7 @@ def main() -> int:
     parser.add_argument("--budget", default="50ms", help="latency budget (default 50ms)")
     parser.add_argument("--calib", type=int, default=None, help="calibration scenes (default: the demo's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per trial latency (default 20, as run)")
+    parser.add_argument("--repeats", type=int, default=8, help="interleaved rounds per trial (default 8, as run)")
     parser.add_argument("--per-trial", action="store_true", help="print every trial")
     args = parser.parse_args()
 
@@ -70,15 +71,14 @@ def main() -> int:
             batch_size=args.batch_size,
             device="cpu",
             repeats=args.repeats,
-            cache_dir=Path(folder) / "cache",
         )
         evaluator = get_evaluator("demo")(calib=args.calib, batch_size=args.batch_size, device="cpu")
         storage = open_storage(options.storage)
         context, _ = create_or_resume(
             storage, options.storage, "overhead", options, evaluator, parse_budget(args.budget), lambda _: None
         )
-        meter = LatencyMeter("cpu", repeats=args.repeats, warmup=1, dtype=evaluator_dtype(evaluator))
-        runner = StudyRunner(context, evaluator, meter, args.sampler, 0, on_trial=on_trial)
+        source = latency_source_for("measured", evaluator)
+        runner = StudyRunner(context, evaluator, source, args.sampler, 0, args.repeats, on_trial=on_trial)
         started = time.perf_counter()
         runner.run(args.trials, None)
         ended = time.perf_counter()
@@ -104,7 +104,7 @@ def main() -> int:
     print(
         f"demo, {args.sampler} sampler, {args.space} space, {len(outcomes)} trials ({len(evaluated)} evaluated, "
         f"{len(outcomes) - len(evaluated)} reused), calib {evaluator.settings()['calib']}, "
-        f"batch {evaluator.batch_size}, latency repeats {args.repeats}"
+        f"batch {evaluator.batch_size}, latency rounds {args.repeats} (schedule + unpruned)"
     )
     print(f"wall {total_wall:.2f} s, inside forward passes {total_forward:.2f} s")
     print(

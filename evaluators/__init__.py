@@ -1,4 +1,4 @@
-"""Evaluators: the tasks the tuner scores schedules on, the latency side of a trial, and calibration splits.
+"""Evaluators: the tasks the tuner scores schedules on, budgets and latency measurement, and calibration splits.
 
 Importing this package registers the built-in evaluators (``demo``, ``fidelity``, ``zeroshot``).
 
@@ -24,18 +24,23 @@ from evaluators.fidelity import FidelityEvaluator
 from evaluators.latency import (
     Budget,
     BudgetError,
+    BudgetVerdict,
     LatencyMeter,
     LatencyModel,
     LatencyResult,
-    calibrate_latency_model,
+    LatencySource,
+    MeasuredLatency,
+    PairedLatency,
+    SyntheticLatency,
+    budget_verdict,
     parse_budget,
-    probe_schedule,
 )
 from evaluators.zeroshot import ZeroShotEvaluator
 
 __all__ = [
     "Budget",
     "BudgetError",
+    "BudgetVerdict",
     "DemoEvaluator",
     "Evaluator",
     "EvaluatorError",
@@ -43,13 +48,16 @@ __all__ = [
     "LatencyMeter",
     "LatencyModel",
     "LatencyResult",
+    "LatencySource",
+    "MeasuredLatency",
+    "PairedLatency",
+    "SyntheticLatency",
+    "budget_verdict",
     "Split",
     "ZeroShotEvaluator",
     "available_evaluators",
-    "calibrate_latency_model",
     "get_evaluator",
     "parse_budget",
-    "probe_schedule",
     "random_split",
     "register_evaluator",
     "resolve_sizes",

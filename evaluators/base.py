@@ -107,6 +107,4 @@ def get_evaluator(name: str) -> type[Evaluator]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise EvaluatorError(
-            f"unknown evaluator {name!r}; available: {', '.join(available_evaluators())}"
-        ) from None
+        raise EvaluatorError(f"unknown evaluator {name!r}; available: {', '.join(available_evaluators())}") from None

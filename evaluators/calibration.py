@@ -1,6 +1,6 @@
 """Calibration subsets and held-out slices: seeded, stratified by label, disjoint, and sized with clear errors.
 
-Taking the first N rows is not a sample (MME is ordered by category; field notes, "Calibration data"): every split
+Taking the first N rows is not a sample (MME is ordered by category): every split
 here is drawn with a fixed seed, by label where there are labels, and the held-out slice never shares an item with the
 calibration subset, so it can validate what the search picked.
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from evaluators.base import Evaluator, EvaluatorError, Split, register_evaluator
 from evaluators.calibration import pick_split, resolve_sizes, stratified_split
-from evaluators.loading import dtype_name, latency_batch, to_batches
+from evaluators.loading import dtype_name, latency_batch, resolve_batch_size, to_batches
 
 __all__ = ["DemoEvaluator"]
 
@@ -91,8 +91,20 @@ class DemoEvaluator(Evaluator):
         self.holdout_indices: list[int] = digits[holdout_positions].tolist()
 
         # Rendered once: a scene depends only on (seed, digit), so the same seed gives the same scenes.
-        calib_x, calib_y, _ = render_scenes(self.calib_indices, seed=self.seed)
-        holdout_x, holdout_y, _ = render_scenes(self.holdout_indices, seed=self.seed)
+        self._scenes = {
+            "calib": render_scenes(self.calib_indices, seed=self.seed)[:2],
+            "holdout": render_scenes(self.holdout_indices, seed=self.seed)[:2],
+        }
+        self.set_batch_size(self.batch_size)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Use ``batch_size`` scenes per forward from now on (the scenes are not rendered again).
+
+        The demo's workload can be sized to the machine (``tuner run`` does it for a budget in ms); accuracy does not
+        depend on the batch size, since every scene is merged on its own.
+        """
+        self.batch_size = resolve_batch_size(batch_size, self.batch_size)
+        (calib_x, calib_y), (holdout_x, holdout_y) = self._scenes["calib"], self._scenes["holdout"]
         self._calib = (
             to_batches(calib_x, self.batch_size, self.device, self.dtype),
             to_batches(calib_y, self.batch_size, self.device, None),

@@ -1,14 +1,14 @@
-"""Latency: budgets, measurement, and the deterministic latency model the search optimises against.
-
-Three jobs, one subject:
+"""Latency: budgets, measurement, the one budget rule, and where a study's latencies come from.
 
 - :func:`parse_budget` turns ``50ms`` / ``0.05s`` / ``2x`` / ``60%`` into a :class:`Budget`.
-- :class:`LatencyMeter` measures a call the way the field notes say good harnesses do (fixed CPU threads and
-  perf_counter, or CUDA events; warm-up; medians of many runs with p90; raw samples; the environment for provenance).
-- :class:`LatencyModel` predicts a schedule's latency from its FLOPs and its merge steps, after
-  :func:`calibrate_latency_model` measured the unpruned model and two probe schedules once. Why a model and not a
-  measurement per trial: the sampler must see deterministic values (the same seed gives the same trials, a resumed
-  study predicts what it predicted before), and a shared CPU is noisy (+-15%, far more under load).
+- :class:`LatencyMeter` measures calls the way good harnesses do (fixed CPU threads and perf_counter, or CUDA
+  events; warm-up; medians with p90; raw samples; the environment for provenance).
+- :class:`PairedLatency` is a schedule timed in rounds interleaved with the unpruned model; a study's latency is the
+  median per-round ratio times its reference unpruned latency, and :func:`budget_verdict` is the one rule that says
+  whether a schedule meets a budget (``docs/latency.md``).
+- :class:`LatencySource`: :class:`MeasuredLatency` (the default: real timings, re-measured while noisy) or
+  :class:`SyntheticLatency` (a deterministic :class:`LatencyModel`, made for tests; never a measurement).
+- :func:`choose_batch_size` sizes a workload to the machine so that a budget in ms is reachable.
 """
 
 from __future__ import annotations
@@ -18,33 +18,42 @@ import os
 import platform
 import re
 import statistics
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from evaluators.base import Evaluator, EvaluatorError
-from tuner.evoprune import Schedule, apply
+from evaluators.base import EvaluatorError
+from tuner.evoprune import Schedule
 from tuner.evoprune.adapters import resolve_encoder
 from tuner.evoprune.flops import encoder_flops
 from tuner.timing import time_interleaved
 
 __all__ = [
-    "MAX_FIXED_SHARE",
-    "MAX_MERGE_SHARE",
-    "MIN_CALIBRATION_ROUNDS",
+    "BASELINE_DRIFT",
+    "BUDGET_RULE",
+    "MAX_ATTEMPTS",
+    "NOISY_SPREAD",
     "Budget",
     "BudgetError",
     "BudgetKind",
+    "BudgetVerdict",
     "LatencyMeter",
     "LatencyModel",
     "LatencyResult",
-    "calibrate_latency_model",
-    "merge_probe_schedule",
+    "LatencySource",
+    "MeasuredLatency",
+    "PairedLatency",
+    "SyntheticLatency",
+    "WorkloadChoice",
+    "budget_verdict",
+    "choose_batch_size",
+    "median_upper_bound",
     "merge_work",
     "parse_budget",
-    "probe_schedule",
+    "synthetic_model",
 ]
 
 # --------------------------------------------------------------------------------------------------------- budgets
@@ -341,40 +350,298 @@ class LatencyMeter:
         ]
 
 
+# ------------------------------------------------------------------------------------------- paired measurements
+
+
+def median_upper_bound(samples: Sequence[float]) -> float:
+    """The median plus two standard errors of the median (the spread from the median absolute deviation).
+
+    The one rule for "meets the budget" (:func:`budget_verdict`) compares this bound, not the bare median, with the
+    limit, so that measuring the same schedule again finds its median within the budget too, not half of the time.
+
+    Example:
+        >>> round(median_upper_bound([10.0, 10.2, 9.8, 10.1, 9.9]), 3)
+        10.166
+    """
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+    if len(ordered) < 2:
+        return median
+    mad = statistics.median(abs(sample - median) for sample in ordered)
+    return median + 2.0 * 1.2533 * 1.4826 * mad / math.sqrt(len(ordered))
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """A schedule timed in rounds interleaved with the unpruned model: each round runs both, back to back.
+
+    A burst of load on a shared host slows both calls of a round alike, so the per-round ratio candidate / unpruned
+    is far steadier than either time; the latency a study reports is that ratio times the study's reference
+    unpruned latency (:meth:`latency_ms`).
+
+    Attributes:
+        candidate_ms: the schedule's samples, in round order.
+        baseline_ms: the unpruned model's samples of the same rounds.
+        source: ``"measured"``, or the name of a deterministic source made for tests (never a measurement).
+        attempts: measurement attempts pooled into the samples (more than 1 when the first was noisy).
+        noisy: still noisy after every attempt (spread over :data:`NOISY_SPREAD` or a baseline that moved more than
+            :data:`BASELINE_DRIFT` from the reference): the machine was loaded.
+    """
+
+    candidate_ms: tuple[float, ...]
+    baseline_ms: tuple[float, ...]
+    source: str = "measured"
+    attempts: int = 1
+    noisy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.candidate_ms or len(self.candidate_ms) != len(self.baseline_ms):
+            raise EvaluatorError("a paired latency needs as many baseline as candidate samples, at least one")
+
+    @property
+    def ratios(self) -> list[float]:
+        """Per-round candidate / unpruned time."""
+        return [c / b for c, b in zip(self.candidate_ms, self.baseline_ms, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """Median of the per-round ratios."""
+        return statistics.median(self.ratios)
+
+    @property
+    def ratio_upper(self) -> float:
+        """:func:`median_upper_bound` of the per-round ratios."""
+        return median_upper_bound(self.ratios)
+
+    @property
+    def spread(self) -> float:
+        """Relative width of the ratio's bound: ``ratio_upper / ratio - 1``."""
+        return self.ratio_upper / self.ratio - 1.0
+
+    @property
+    def candidate_median_ms(self) -> float:
+        return statistics.median(self.candidate_ms)
+
+    @property
+    def baseline_median_ms(self) -> float:
+        return statistics.median(self.baseline_ms)
+
+    def latency_ms(self, reference_ms: float) -> float:
+        """The schedule's latency at the reference unpruned latency: ``ratio * reference_ms``."""
+        return self.ratio * reference_ms
+
+    def upper_ms(self, reference_ms: float) -> float:
+        """The bound the budget rule compares: ``ratio_upper * reference_ms``."""
+        return self.ratio_upper * reference_ms
+
+    def to_dict(self, reference_ms: float) -> dict[str, Any]:
+        """JSON-serialisable record (stored with each trial and in the export)."""
+        return {
+            "source": self.source,
+            "latency_ms": self.latency_ms(reference_ms),
+            "latency_upper_ms": self.upper_ms(reference_ms),
+            "reference_ms": reference_ms,
+            "ratio": self.ratio,
+            "ratio_upper": self.ratio_upper,
+            "candidate_median_ms": self.candidate_median_ms,
+            "baseline_median_ms": self.baseline_median_ms,
+            "rounds": len(self.candidate_ms),
+            "attempts": self.attempts,
+            "noisy": self.noisy,
+            "candidate_samples_ms": [round(sample, 4) for sample in self.candidate_ms],
+            "baseline_samples_ms": [round(sample, 4) for sample in self.baseline_ms],
+        }
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    """Whether a paired latency meets a budget: the one rule ``run``, ``export``, ``apply`` and ``studies`` share.
+
+    Attributes:
+        met: ``upper_ms <= limit_ms``.
+        latency_ms: ``ratio * reference_ms``.
+        upper_ms: ``ratio_upper * reference_ms``.
+        limit_ms: the budget's limit against ``reference_ms``.
+        reference_ms: the unpruned latency the ratio is scaled by.
+    """
+
+    met: bool
+    latency_ms: float
+    upper_ms: float
+    limit_ms: float
+    reference_ms: float
+
+    def describe(self) -> str:
+        sign = "<=" if self.met else ">"
+        return (
+            f"{'met' if self.met else 'NOT met'} ({self.latency_ms:.2f} ms, bound {self.upper_ms:.2f} ms {sign} "
+            f"{self.limit_ms:.2f} ms)"
+        )
+
+
+BUDGET_RULE = "median ratio to the unpruned model + 2 standard errors, times the reference unpruned latency <= limit"
+"""The rule of :func:`budget_verdict`, in words (printed with verdicts and stored in exports)."""
+
+
+def budget_verdict(paired: PairedLatency, budget: Budget, reference_ms: float) -> BudgetVerdict:
+    """Judge ``paired`` against ``budget``: met when ``ratio_upper * reference_ms <= budget.limit_ms(reference_ms)``.
+
+    Args:
+        paired: the schedule measured interleaved with the unpruned model.
+        budget: the budget.
+        reference_ms: the unpruned latency to scale by: a study's reference (measured when it was created), or the
+            unpruned model measured in the same rounds (``tuner apply``).
+
+    Example:
+        >>> paired = PairedLatency((40.0, 41.0, 39.0), (80.0, 80.0, 80.0))
+        >>> budget_verdict(paired, parse_budget("50ms"), 80.0).met, budget_verdict(paired, parse_budget("2x"), 80.0).met
+        (True, False)
+    """
+    limit = budget.limit_ms(reference_ms)
+    upper = paired.upper_ms(reference_ms)
+    return BudgetVerdict(upper <= limit + 1e-9, paired.latency_ms(reference_ms), upper, limit, reference_ms)
+
+
+NOISY_SPREAD = 0.05
+"""A paired measurement whose ratio bound is more than 5% above its median is measured again."""
+
+BASELINE_DRIFT = 0.25
+"""A paired measurement whose unpruned median is more than 25% off the study's reference is measured again."""
+
+MAX_ATTEMPTS = 3
+"""Attempts (pooled) before a noisy measurement is kept and flagged."""
+
+
+class LatencySource(ABC):
+    """Where a study's latencies come from: timed forward passes, or a deterministic source made for tests.
+
+    Attributes:
+        name: ``"measured"`` or the deterministic source's name (stored with the study and every export).
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def reference(self, baseline: Callable[[], object], rounds: int) -> LatencyResult:
+        """The unpruned latency (one batch): a study's reference, measured when the study is created."""
+
+    @abstractmethod
+    def paired(
+        self,
+        baseline: Callable[[], object],
+        candidate: Callable[[], object],
+        schedule: Schedule,
+        rounds: int,
+        reference_ms: float | None = None,
+    ) -> PairedLatency:
+        """``candidate`` (``baseline`` under ``schedule``) and ``baseline`` timed in interleaved rounds."""
+
+    def environment(self) -> dict[str, Any]:
+        """What the latencies depend on besides the model (provenance)."""
+        return {"source": self.name}
+
+
+class MeasuredLatency(LatencySource):
+    """Real timings by a :class:`LatencyMeter`, interleaved with the unpruned model, re-measured while noisy.
+
+    A paired measurement is taken again (up to :data:`MAX_ATTEMPTS`, samples pooled) when the ratio's bound is
+    over :data:`NOISY_SPREAD` above its median, or when the unpruned median is more than :data:`BASELINE_DRIFT` off
+    ``reference_ms``; if it is still so, the result is kept and flagged ``noisy``.
+
+    Example:
+        >>> from tuner.evoprune import Schedule
+        >>> source = MeasuredLatency(LatencyMeter("cpu", threads=1, warmup=0))
+        >>> paired = source.paired(lambda: sum(range(2000)), lambda: sum(range(1000)), Schedule.none(1, 4), rounds=5)
+        >>> len(paired.ratios), paired.source
+        (5, 'measured')
+    """
+
+    name = "measured"
+
+    def __init__(self, meter: LatencyMeter) -> None:
+        self.meter = meter
+
+    def reference(self, baseline: Callable[[], object], rounds: int) -> LatencyResult:
+        return self._meter(rounds).measure(baseline)
+
+    def paired(
+        self,
+        baseline: Callable[[], object],
+        candidate: Callable[[], object],
+        schedule: Schedule,
+        rounds: int,
+        reference_ms: float | None = None,
+    ) -> PairedLatency:
+        meter = self._meter(rounds)
+        candidate_ms: list[float] = []
+        baseline_ms: list[float] = []
+        attempts = 0
+        noisy = True
+        while attempts < MAX_ATTEMPTS and noisy:
+            base, cand = meter.measure_interleaved([baseline, candidate])
+            baseline_ms += base.samples_ms
+            candidate_ms += cand.samples_ms
+            attempts += 1
+            result = PairedLatency(tuple(candidate_ms), tuple(baseline_ms), self.name, attempts)
+            drift = 0.0 if reference_ms is None else abs(result.baseline_median_ms / reference_ms - 1.0)
+            noisy = result.spread > NOISY_SPREAD or drift > BASELINE_DRIFT
+        return PairedLatency(tuple(candidate_ms), tuple(baseline_ms), self.name, attempts, noisy)
+
+    def environment(self) -> dict[str, Any]:
+        return {"source": self.name, **self.meter.environment()}
+
+    def _meter(self, rounds: int) -> LatencyMeter:
+        meter = self.meter
+        return LatencyMeter(meter.device, meter.threads, rounds, meter.warmup, dtype=meter.dtype)
+
+
+class SyntheticLatency(LatencySource):
+    """A deterministic latency source made for tests and reproducible experiments: never a measurement.
+
+    Every "sample" of a schedule is :meth:`LatencyModel.predict_ms`, so the same seed gives the same trials and the
+    same export. Studies, exports and plots made with it say ``latency source: synthetic``.
+
+    Args:
+        model: the latency model that stands in for timings.
+    """
+
+    name = "synthetic"
+
+    def __init__(self, model: LatencyModel) -> None:
+        self.model = model
+
+    def reference(self, baseline: Callable[[], object], rounds: int) -> LatencyResult:
+        value = self.model.baseline_ms
+        return LatencyResult(value, value, [value] * rounds, "synthetic", 0, torch.__version__, None, None, rounds, 0,
+                             "synthetic")  # fmt: skip
+
+    def paired(
+        self,
+        baseline: Callable[[], object],
+        candidate: Callable[[], object],
+        schedule: Schedule,
+        rounds: int,
+        reference_ms: float | None = None,
+    ) -> PairedLatency:
+        value = self.model.predict_ms(schedule)
+        return PairedLatency((value,) * rounds, (self.model.baseline_ms,) * rounds, self.name)
+
+    def environment(self) -> dict[str, Any]:
+        return {"source": self.name, "model": self.model.to_dict()}
+
+
 # -------------------------------------------------------------------------------------------------- latency model
 
 MAX_FIXED_SHARE = 0.95
-"""Upper clamp of :attr:`LatencyModel.fixed_share`: some latency always scales with FLOPs, so FLOP order survives."""
+"""Upper bound of :attr:`LatencyModel.fixed_share`: some latency always scales with FLOPs."""
 
-MIN_CALIBRATION_ROUNDS = 10
-"""Fewest interleaved rounds a calibration measures: every prediction of a study inherits its noise."""
-
-MAX_MERGE_SHARE = 1.0
-"""Upper bound of :attr:`LatencyModel.merge_share` (one merge step costing more than the whole encoder is a bad fit)."""
-
-Point = tuple[float, float, float]
-"""A probe's (measured ratio y, FLOP ratio f, merge work m)."""
-
-
-_REQUIRED_FIELDS = (
-    "baseline_ms",
-    "fixed_share",
-    "flops_native",
-    "hidden_size",
-    "intermediate_size",
-    "has_cls",
-    "num_layers",
-    "tokens_in",
-)
-_OPTIONAL_FIELDS = ("merge_share", "calibration")
+_REQUIRED_FIELDS = ("baseline_ms", "fixed_share", "flops_native", "hidden_size", "intermediate_size", "has_cls",
+                    "num_layers", "tokens_in")  # fmt: skip
+_OPTIONAL_FIELDS = ("merge_share", "attention_share", "knn_share")
 
 
 def merge_work(schedule: Schedule) -> float:
     """Merge steps of ``schedule``, each weighted by the share of ``tokens_in`` its layer receives.
-
-    A merge step's cost (scoring pairs, matching, gathering) grows with the tokens it sees; measured on the demo
-    encoder (CPU, 1 thread), a cost linear in those tokens fitted ten schedules within 3%, where a constant cost per
-    step missed by up to 24% and a quadratic one by up to 10%.
 
     Example:
         >>> merge_work(Schedule([32, 16, 0, 0], tokens_in=64))  # 64/64 + 32/64
@@ -389,34 +656,22 @@ def merge_work(schedule: Schedule) -> float:
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """Deterministic latency of a schedule: a fixed part, a part proportional to FLOPs, and the merge steps' own cost.
+    """Deterministic latency of a schedule from its FLOPs, its merge steps and its scoring settings.
 
     ``predict_ms(s) = baseline_ms * (fixed_share + (1 - fixed_share) * flops(s) / flops_native
-    + merge_share * merge_work(s))``. The fixed part stands for what merging does not shrink (patch embedding, the
-    head, launch costs); ``merge_share`` is what one merge step over all ``tokens_in`` tokens costs, as a share of
-    ``baseline_ms`` (:func:`merge_work` weighs each step by the tokens it sees). With ``merge_share = 0`` this is the
-    pure FLOP line. The merge term lets a schedule that merges little at many layers come out slower than native,
-    as it is measured to be (the paper's own encoder was 6-10% slower than native).
+    + merge_work(s) * (merge_share + attention_share [attention statistics] + knn_share [w_div > 0]))``, where the
+    attention term counts when the scoring needs the attention received (``ctr > 0`` or ``w_attn > 0``: the merging
+    layer computes its attention explicitly instead of the fused kernel) and the kNN term when ``w_div > 0``.
 
-    Attributes:
-        baseline_ms: measured latency of the unpruned model (one batch, the evaluator's timed scope).
-        fixed_share: share of ``baseline_ms`` that does not scale with FLOPs, in [0, :data:`MAX_FIXED_SHARE`].
-        flops_native: FLOPs of the unpruned encoder layers.
-        hidden_size: encoder width.
-        intermediate_size: encoder MLP width.
-        has_cls: whether the encoder has a CLS token (counted in every layer's FLOPs).
-        num_layers: encoder depth (schedules must match it).
-        tokens_in: patch tokens per image (schedules must match it).
-        merge_share: cost of one merge step over ``tokens_in`` tokens, as a share of ``baseline_ms``, in
-            [0, :data:`MAX_MERGE_SHARE`].
-        calibration: how it was calibrated (probe schedules, measured times, meter environment, ...).
+    It backs :class:`SyntheticLatency` (tests, reproducible experiments); it decides nothing in a measured study.
 
     Example:
-        >>> native = encoder_flops([16] * 4, [16] * 4, 32, 64, extra_tokens=1)
-        >>> m = LatencyModel(80.0, 0.2, native, 32, 64, True, 4, 16)
+        >>> from tuner.evoprune import Scoring
+        >>> m = LatencyModel.for_encoder(80.0, 4, 16, 32, 64, True, fixed_share=0.2, merge_share=0.02, knn_share=0.01)
         >>> m.predict_ms(Schedule.none(4, 16)), round(m.predict_ms(Schedule([8, 4, 0, 0], 16)), 2)
-        (80.0, 43.65)
-        >>> LatencyModel.from_dict(m.to_dict()) == m
+        (80.0, 47.25)
+        >>> plain = Schedule([8, 4, 0, 0], 16, scoring=Scoring(w_div=0.0, ctr=0.0))
+        >>> m.predict_ms(plain) < m.predict_ms(Schedule([8, 4, 0, 0], 16))
         True
     """
 
@@ -429,7 +684,26 @@ class LatencyModel:
     num_layers: int
     tokens_in: int
     merge_share: float = 0.0
-    calibration: dict[str, Any] = field(default_factory=dict)
+    attention_share: float = 0.0
+    knn_share: float = 0.0
+
+    @classmethod
+    def for_encoder(
+        cls,
+        baseline_ms: float,
+        num_layers: int,
+        tokens_in: int,
+        hidden_size: int,
+        intermediate_size: int,
+        has_cls: bool,
+        **shares: float,
+    ) -> LatencyModel:
+        """A model for an encoder's dimensions (``flops_native`` computed), with the given shares."""
+        native = encoder_flops(
+            [tokens_in] * num_layers, [tokens_in] * num_layers, hidden_size, intermediate_size, 1 if has_cls else 0
+        )
+        return cls(baseline_ms, shares.pop("fixed_share", 0.2), native, hidden_size, intermediate_size, has_cls,
+                   num_layers, tokens_in, **shares)  # fmt: skip
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.baseline_ms) and self.baseline_ms > 0):
@@ -438,15 +712,14 @@ class LatencyModel:
             raise EvaluatorError(
                 f"latency model: fixed_share must be in [0, {MAX_FIXED_SHARE}], got {self.fixed_share!r}"
             )
-        if not 0.0 <= self.merge_share <= MAX_MERGE_SHARE:
-            raise EvaluatorError(
-                f"latency model: merge_share must be in [0, {MAX_MERGE_SHARE}], got {self.merge_share!r}"
-            )
+        for name in ("merge_share", "attention_share", "knn_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise EvaluatorError(f"latency model: {name} must be in [0, 1], got {value!r}")
         for name in ("flops_native", "hidden_size", "intermediate_size", "num_layers", "tokens_in"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EvaluatorError(f"latency model: {name} must be an integer >= 1, got {value!r}")
-        # flops_native is stored for readers of the study; it must be what the dimensions give.
         expected = self.flops(Schedule.none(self.num_layers, self.tokens_in))
         if self.flops_native != expected:
             raise EvaluatorError(
@@ -458,7 +731,7 @@ class LatencyModel:
         if schedule.num_layers != self.num_layers or schedule.tokens_in != self.tokens_in:
             raise EvaluatorError(
                 f"the schedule is for {schedule.num_layers} layers x {schedule.tokens_in} tokens but the latency "
-                f"model for {self.num_layers} x {self.tokens_in}; calibrate a latency model for this encoder"
+                f"model for {self.num_layers} x {self.tokens_in}"
             )
         return encoder_flops(
             schedule.tokens_before(),
@@ -468,26 +741,31 @@ class LatencyModel:
             1 if self.has_cls else 0,
         )
 
+    def step_share(self, schedule: Schedule) -> float:
+        """Cost of one merge step over ``tokens_in`` tokens under the schedule's scoring, as a share of baseline."""
+        scoring = schedule.scoring
+        share = self.merge_share
+        if scoring.ctr > 0 or scoring.w_attn > 0:
+            share += self.attention_share
+        if scoring.w_div > 0:
+            share += self.knn_share
+        return share
+
     def predict_ms(self, schedule: Schedule) -> float:
-        """Predicted latency of ``schedule`` in milliseconds; exactly ``baseline_ms`` for the empty schedule."""
+        """Latency of ``schedule`` in milliseconds; exactly ``baseline_ms`` for the empty schedule."""
         flop_ratio = self.flops(schedule) / self.flops_native
         # 1 - (1 - c)(1 - r) is c + (1 - c) r, written so that it is exactly 1 when r == 1 (no float round-off).
         ratio = 1.0 - (1.0 - self.fixed_share) * (1.0 - flop_ratio)
-        if self.merge_share:
-            ratio += self.merge_share * merge_work(schedule)
+        ratio += self.step_share(schedule) * merge_work(schedule)
         return self.baseline_ms * ratio
 
-    def predict_speedup(self, schedule: Schedule) -> float:
-        """``baseline_ms / predict_ms(schedule)`` (below 1 where merging costs more than it saves)."""
-        return self.baseline_ms / self.predict_ms(schedule)
-
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields (for a study's user attributes)."""
+        """JSON-serialisable fields."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, document: Any) -> LatencyModel:
-        """Rebuild a model from :meth:`to_dict` output (``merge_share`` and ``calibration`` may be absent).
+        """Rebuild a model from :meth:`to_dict` output (the shares may be absent).
 
         Raises:
             EvaluatorError: not a dict, or a missing, unknown or mistyped field.
@@ -508,8 +786,7 @@ class LatencyModel:
                 has_cls=_as_bool(document["has_cls"]),
                 num_layers=_as_int(document["num_layers"]),
                 tokens_in=_as_int(document["tokens_in"]),
-                merge_share=_as_float(document.get("merge_share", 0.0)),
-                calibration=dict(document.get("calibration") or {}),
+                **{name: _as_float(document.get(name, 0.0)) for name in _OPTIONAL_FIELDS},
             )
         except TypeError as error:
             raise EvaluatorError(f"latency model: {error}") from None
@@ -533,167 +810,109 @@ def _as_bool(value: Any) -> bool:
     return value
 
 
-def probe_schedule(
-    num_layers: int, tokens_in: int, *, family: str | None = None, has_cls: bool | None = None
-) -> Schedule:
-    """The heavy probe: halve the tokens at layers 0 and 1 (about 1/4 left), so FLOPs fall far below native.
+SYNTHETIC_BASELINE_MS = 100.0
+"""Unpruned latency of :func:`synthetic_model` (any value works: only ratios to it matter to relative budgets)."""
 
-    It fixes the FLOP line (a FLOP ratio far from 1 conditions the fixed share well); every layer respects the
-    one-step cap (at most half of what it receives).
 
-    Example:
-        >>> probe_schedule(6, 64).tokens_after()
-        [32, 16, 16, 16, 16, 16]
+def synthetic_model(model: Any, baseline_ms: float = SYNTHETIC_BASELINE_MS) -> LatencyModel:
+    """The fixed latency model behind ``--latency-source synthetic`` for a model's vision encoder.
+
+    Fixed shares (20% fixed cost; a merge step over all tokens 1% of the baseline, the attention statistics another
+    1%, the kNN term 0.5%), so that the same schedule always gets the same latency, on any machine.
     """
-    ratios = [0.5 if layer < 2 else 1.0 for layer in range(num_layers)]
-    return Schedule.from_keep_ratios(ratios, tokens_in=tokens_in, family=family, has_cls=has_cls)
+    encoder = resolve_encoder(model)
+    return LatencyModel.for_encoder(
+        baseline_ms, encoder.num_layers, encoder.num_patches, encoder.hidden_size, encoder.intermediate_size,
+        encoder.has_cls, fixed_share=0.2, merge_share=0.01, attention_share=0.01, knn_share=0.005,
+    )  # fmt: skip
 
 
-def merge_probe_schedule(
-    num_layers: int, tokens_in: int, *, family: str | None = None, has_cls: bool | None = None
-) -> Schedule:
-    """The merge probe: remove one token at every layer, so FLOPs stay near native and the merge steps' cost shows.
+# ---------------------------------------------------------------------------------------------- workload sizing
 
-    On an encoder with fewer tokens than layers, only the first ``tokens_in - 1`` layers merge (none for one token).
 
-    Example:
-        >>> merge_probe_schedule(4, 64).remove_per_layer, merge_probe_schedule(4, 3).remove_per_layer
-        ([1, 1, 1, 1], [1, 1, 0, 0])
+@dataclass(frozen=True)
+class WorkloadChoice:
+    """The batch a study's timed call runs, sized to this machine so that the budget is over the unpruned latency
+    and within reach of pruning.
+
+    Attributes:
+        batch_size: items per timed forward.
+        unpruned_ms: the unpruned latency measured at that batch.
+        pruned_ms: the probe schedule's latency measured at that batch.
+        reason: one line: what was measured and why this batch.
     """
-    # Layer l receives tokens_in - l tokens and may remove one while it receives at least two.
-    steps = max(0, min(num_layers, tokens_in - 1))
-    plan = [1 if layer < steps else 0 for layer in range(num_layers)]
-    return Schedule(plan, tokens_in, family=family, has_cls=has_cls)
+
+    batch_size: int
+    unpruned_ms: float
+    pruned_ms: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def calibrate_latency_model(evaluator: Evaluator, meter: LatencyMeter, *, merge_term: bool = True) -> LatencyModel:
-    """Measure the unpruned model and two probes (interleaved), and fit a :class:`LatencyModel`.
+OVER_BUDGET = 1.3
+"""Workload sizing aims the unpruned latency at this multiple of the budget."""
 
-    With ``y = measured / baseline``, ``f`` the FLOP ratio and ``m`` the :func:`merge_work` of a probe, the fixed share
-    ``c`` and the merge share ``k`` solve ``y - f = c (1 - f) + k m`` for the heavy probe (:func:`probe_schedule`) and
-    the merge probe (:func:`merge_probe_schedule`). Then ``k < 0`` (noise) is set to 0 and ``c`` refitted on the heavy
-    probe alone; ``c`` is clamped to ``[0, MAX_FIXED_SHARE]``, and ``k`` refitted on the merge probe if it was.
+REACH_MARGIN = 0.85
+"""... and keeps the probe schedule at or under this share of the budget (so pruning can meet it with room)."""
 
-    Each probe's ``y`` is the median over rounds of its time divided by the unpruned time *of the same round* (a burst
-    of load on a shared host hits both alike), over at least :data:`MIN_CALIBRATION_ROUNDS` rounds whatever the
-    meter's ``repeats``.
 
-    Why the merge term: on the demo encoder (CPU, 1 thread) the pure FLOP line missed measured latencies by up to 28%
-    (mean 15%) over ten schedules, and called schedules that merge a little at many layers faster than native when
-    they were 16-34% slower; with the merge term the same schedules came within 3%.
+def choose_batch_size(
+    measure: Callable[[int], tuple[float, float]],
+    budget_ms: float,
+    *,
+    probe_batches: tuple[int, int] = (8, 32),
+    low: int = 1,
+    high: int = 4096,
+) -> WorkloadChoice:
+    """Size a workload to this machine: the batch at which the unpruned model takes about :data:`OVER_BUDGET` times
+    the budget, while a strong pruning probe stays within :data:`REACH_MARGIN` of it.
+
+    Both latencies are taken as lines in the batch size (a fixed cost plus a cost per item), fitted from two probe
+    batches, and the choice is checked by one more measurement at the chosen batch (and corrected once if the line
+    was off).
 
     Args:
-        evaluator: gives the model and the timed call (:meth:`Evaluator.latency_call`, one batch); no schedule may be
-            applied to its model.
-        meter: how to measure (device, threads, warm-up; its repeats are raised to the calibration minimum).
-        merge_term: False fits the pure FLOP line (``merge_share = 0``) from the heavy probe alone.
+        measure: ``batch -> (unpruned_ms, probe_ms)`` at that batch (interleaved, medians).
+        budget_ms: the budget in ms.
+        probe_batches: the two batches the lines are fitted from.
+        low: smallest batch.
+        high: largest batch.
 
     Returns:
-        The fitted model; ``calibration`` records the probes, the measurements and the meter's environment.
+        The choice, with the latencies measured at it and a one-line reason.
+
+    Example:
+        >>> fake = lambda n: (2.0 + 1.0 * n, 2.0 + 0.6 * n)  # 1 ms per item unpruned, 0.6 pruned
+        >>> choice = choose_batch_size(fake, 50.0)
+        >>> choice.batch_size, choice.unpruned_ms > 50.0 > choice.pruned_ms
+        (63, True)
     """
-    encoder = resolve_encoder(evaluator.model)
-    num_layers, tokens_in = encoder.num_layers, encoder.num_patches
-    family, has_cls = encoder.family, encoder.has_cls
-    probes = {"heavy": probe_schedule(num_layers, tokens_in, family=family, has_cls=has_cls)}
-    if merge_term:
-        probes["merge"] = merge_probe_schedule(num_layers, tokens_in, family=family, has_cls=has_cls)
-    native_call = evaluator.latency_call()
-    model = evaluator.model
+    small, large = probe_batches
+    (u1, p1), (u2, p2) = measure(small), measure(large)
+    per_item_u = max(1e-9, (u2 - u1) / (large - small))
+    per_item_p = max(1e-9, (p2 - p1) / (large - small))
+    fixed_u, fixed_p = u1 - per_item_u * small, p1 - per_item_p * small
 
-    def pruned(schedule: Schedule) -> Callable[[], None]:
-        def call() -> None:
-            # Applying and removing costs microseconds (a few attribute writes) against a forward pass of milliseconds.
-            with apply(model, schedule):
-                native_call()
+    def pick(fixed_u: float, per_u: float, fixed_p: float, per_p: float) -> int:
+        batch = math.ceil((OVER_BUDGET * budget_ms - fixed_u) / per_u)
+        # Where the probe would not fit under the margin at that batch, take the largest batch where it does.
+        if fixed_p + per_p * batch > REACH_MARGIN * budget_ms:
+            batch = math.floor((REACH_MARGIN * budget_ms - fixed_p) / per_p)
+        return min(high, max(low, batch))
 
-        return call
-
-    if meter.repeats < MIN_CALIBRATION_ROUNDS:
-        meter = LatencyMeter(meter.device, meter.threads, MIN_CALIBRATION_ROUNDS, meter.warmup, dtype=meter.dtype)
-    native, *measured = meter.measure_interleaved([native_call] + [pruned(s) for s in probes.values()])
-    flat = LatencyModel(
-        baseline_ms=native.median_ms,
-        fixed_share=0.0,
-        flops_native=encoder_flops(
-            [tokens_in] * num_layers,
-            [tokens_in] * num_layers,
-            encoder.hidden_size,
-            encoder.intermediate_size,
-            1 if encoder.has_cls else 0,
-        ),
-        hidden_size=encoder.hidden_size,
-        intermediate_size=encoder.intermediate_size,
-        has_cls=encoder.has_cls,
-        num_layers=num_layers,
-        tokens_in=tokens_in,
+    batch = pick(fixed_u, per_item_u, fixed_p, per_item_p)
+    unpruned, pruned = measure(batch)
+    if not (unpruned > budget_ms and pruned <= budget_ms):
+        # The lines were off (a slow phase during the probes): rescale them through the measured point, once.
+        scale_u = unpruned / max(1e-9, fixed_u + per_item_u * batch)
+        scale_p = pruned / max(1e-9, fixed_p + per_item_p * batch)
+        batch = pick(fixed_u * scale_u, per_item_u * scale_u, fixed_p * scale_p, per_item_p * scale_p)
+        unpruned, pruned = measure(batch)
+    reason = (
+        f"batch {batch}: unpruned {unpruned:.1f} ms, a strong pruning probe {pruned:.1f} ms against the budget "
+        f"{budget_ms:.1f} ms (aimed at {OVER_BUDGET:g}x the budget unpruned, the probe within {REACH_MARGIN:.0%} of "
+        f"it; fitted from batches {small} and {large} measured on this machine)"
     )
-    points = {
-        name: (_paired_ratio(result, native), flat.flops(schedule) / flat.flops_native, merge_work(schedule))
-        for (name, schedule), result in zip(probes.items(), measured, strict=True)
-    }
-    no_merge_probe: Point = (1.0, 1.0, 0.0)  # says nothing about merge cost: the fit falls back to the FLOP line
-    merge_point = points.get("merge", no_merge_probe)
-    raw_fixed, raw_merge = _fit_shares(points["heavy"], merge_point)
-    fixed_share, merge_share = _clamp_shares(raw_fixed, raw_merge, points["heavy"], merge_point)
-    return replace(
-        flat,
-        fixed_share=fixed_share,
-        merge_share=merge_share,
-        calibration={
-            "method": (
-                "unpruned and two probes interleaved; y = median of per-round time ratios; "
-                "c and k from y - f = c (1 - f) + k m"
-                if merge_term
-                else "unpruned and the heavy probe interleaved; y = median of per-round time ratios; "
-                "c from y = c + (1 - c) f (no merge term)"
-            ),
-            "rounds": meter.repeats,
-            "baseline_p90_ms": native.p90_ms,
-            "probes": {
-                name: {
-                    "schedule": schedule.describe(),
-                    "remove_per_layer": schedule.remove_per_layer,
-                    "median_ms": result.median_ms,
-                    "p90_ms": result.p90_ms,
-                    "measured_ratio": points[name][0],
-                    "flop_ratio": points[name][1],
-                    "merge_work": points[name][2],
-                }
-                for (name, schedule), result in zip(probes.items(), measured, strict=True)
-            },
-            "raw_fixed_share": raw_fixed,
-            "raw_merge_share": raw_merge,
-            "evaluator": evaluator.name,
-            "batch_size": evaluator.batch_size,
-            "environment": meter.environment(),
-        },
-    )
-
-
-def _paired_ratio(candidate: LatencyResult, baseline: LatencyResult) -> float:
-    """Median over rounds of candidate / baseline time within each round (samples are in round order)."""
-    ratios = [c / b for c, b in zip(candidate.samples_ms, baseline.samples_ms, strict=True)]
-    return statistics.median(ratios)
-
-
-def _fit_shares(heavy: Point, merge: Point) -> tuple[float, float]:
-    """Solve ``y - f = c (1 - f) + k m`` for (c, k) on the two probes; k = 0 where the merge probe says nothing."""
-    (y1, f1, m1), (y2, f2, m2) = heavy, merge
-    determinant = (1 - f1) * m2 - (1 - f2) * m1
-    if m2 == 0 or abs(determinant) < 1e-12:
-        return ((y1 - f1) / (1 - f1) if f1 < 1 else 0.0), 0.0
-    fixed = ((y1 - f1) * m2 - (y2 - f2) * m1) / determinant
-    merge_share = ((1 - f1) * (y2 - f2) - (1 - f2) * (y1 - f1)) / determinant
-    return fixed, merge_share
-
-
-def _clamp_shares(fixed: float, merge_share: float, heavy: Point, merge: Point) -> tuple[float, float]:
-    """Bring a noisy fit into range: k >= 0, c in [0, MAX_FIXED_SHARE], refitting the other where one moved."""
-    (y1, f1, _), (y2, f2, m2) = heavy, merge
-    if merge_share < 0:
-        merge_share = 0.0
-        fixed = (y1 - f1) / (1 - f1) if f1 < 1 else 0.0
-    clamped = min(MAX_FIXED_SHARE, max(0.0, fixed))
-    if clamped != fixed and m2 > 0:
-        merge_share = max(0.0, (y2 - f2 - clamped * (1 - f2)) / m2)
-    return clamped, min(MAX_MERGE_SHARE, merge_share)
+    return WorkloadChoice(batch, unpruned, pruned, reason)

@@ -1,4 +1,4 @@
-"""Shared fixtures of the tuner tests (runner and CLI): a working folder, the CLI entry point, a calibration cache."""
+"""Shared fixtures of the tuner tests (runner and CLI): a working folder, the CLI entry point."""
 
 from __future__ import annotations
 
@@ -19,17 +19,10 @@ class TunerCliResult:
     err: str
 
 
-@pytest.fixture(scope="session")
-def tuner_calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One latency-calibration cache for the whole session (as one machine has), so runs reuse one latency model."""
-    return tmp_path_factory.mktemp("tuner-calibration-cache")
-
-
 @pytest.fixture
-def tuner_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tuner_calibration_cache: Path) -> Iterator[Path]:
-    """A fresh current folder (``studies/`` lands here) sharing the session's calibration cache."""
+def tuner_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh current folder (``studies/`` lands here)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TUNER_CACHE_DIR", str(tuner_calibration_cache))
     yield tmp_path
 
 
@@ -52,11 +45,10 @@ def tuner_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., TunerCliResul
 
 
 @pytest.fixture
-def tuner_subprocess_env(tuner_calibration_cache: Path) -> dict[str, str]:
-    """Environment for ``python -m tuner`` in a subprocess: the repo importable, the shared calibration cache."""
+def tuner_subprocess_env() -> dict[str, str]:
+    """Environment for ``python -m tuner`` in a subprocess: the repo importable."""
     repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    env["TUNER_CACHE_DIR"] = str(tuner_calibration_cache)
     env.setdefault("COLUMNS", "160")
     return env

@@ -1,31 +1,38 @@
-"""Latency budgets, the meter, and the deterministic latency model (tiny random CLIP encoders, CPU, seconds)."""
+"""Latency budgets, the meter, paired measurements, the budget rule, the synthetic model and workload sizing."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from evaluators.base import Evaluator, EvaluatorError, Split
+from evaluators.base import EvaluatorError
 from evaluators.latency import (
+    MAX_ATTEMPTS,
     MAX_FIXED_SHARE,
+    SYNTHETIC_BASELINE_MS,
     Budget,
     BudgetError,
     LatencyMeter,
     LatencyModel,
-    calibrate_latency_model,
-    merge_probe_schedule,
+    MeasuredLatency,
+    PairedLatency,
+    SyntheticLatency,
+    budget_verdict,
+    choose_batch_size,
+    median_upper_bound,
     merge_work,
     parse_budget,
-    probe_schedule,
+    synthetic_model,
 )
-from tuner.evoprune import Schedule, apply
+from tuner.evoprune import Schedule, Scoring
 from tuner.evoprune.flops import encoder_flops
 
 # ------------------------------------------------------------------------------------------------------- budgets
@@ -208,36 +215,36 @@ def native_flops(has_cls: bool = True) -> int:
     return encoder_flops([tokens] * LAYERS, [tokens] * LAYERS, WIDTH, 4 * WIDTH, 1 if has_cls else 0)
 
 
-def tiny_latency_model(fixed_share: float = 0.3, merge_share: float = 0.0) -> LatencyModel:
-    return LatencyModel(
-        baseline_ms=40.0,
-        fixed_share=fixed_share,
-        flops_native=native_flops(),
-        hidden_size=WIDTH,
-        intermediate_size=4 * WIDTH,
-        has_cls=True,
-        num_layers=LAYERS,
-        tokens_in=(IMAGE // PATCH) ** 2,
-        merge_share=merge_share,
-        calibration={"probe": "keep 0.5, 0.5", "environment": {"threads": 2}},
-    )
+def tiny_latency_model(fixed_share: float = 0.3, merge_share: float = 0.0, **shares: float) -> LatencyModel:
+    return LatencyModel.for_encoder(
+        40.0, LAYERS, (IMAGE // PATCH) ** 2, WIDTH, 4 * WIDTH, True, fixed_share=fixed_share, merge_share=merge_share,
+        **shares,
+    )  # fmt: skip
+
+
+def one_token_per_layer(layers: int, tokens: int) -> Schedule:
+    return Schedule([1] * layers, tokens)
 
 
 def test_latency_model_round_trips_through_json() -> None:
-    model = tiny_latency_model(merge_share=0.04)
+    model = tiny_latency_model(merge_share=0.04, attention_share=0.01, knn_share=0.02)
+    assert model.flops_native == native_flops()
     document = json.loads(json.dumps(model.to_dict()))
     again = LatencyModel.from_dict(document)
     assert again == model
     schedule = Schedule.preset("mean", num_layers=LAYERS, tokens_in=64, tokens_out=16)
     assert again.predict_ms(schedule) == model.predict_ms(schedule)
-    # A document without the optional fields is the pure FLOP line.
-    del document["merge_share"], document["calibration"]
-    assert LatencyModel.from_dict(document) == dataclasses.replace(model, merge_share=0.0, calibration={})
+    # A document without the optional shares is the pure FLOP line.
+    for name in ("merge_share", "attention_share", "knn_share"):
+        del document[name]
+    assert LatencyModel.from_dict(document) == dataclasses.replace(
+        model, merge_share=0.0, attention_share=0.0, knn_share=0.0
+    )
 
 
 def test_latency_model_is_the_baseline_for_the_empty_schedule() -> None:
     for share in (0.0, 0.1, 0.3, 0.7, MAX_FIXED_SHARE):
-        model = tiny_latency_model(share, merge_share=share / 10)
+        model = tiny_latency_model(share, merge_share=share / 10, attention_share=0.1)
         assert model.predict_ms(Schedule.none(LAYERS, 64)) == model.baseline_ms
         assert model.predict_ms(Schedule.none(LAYERS, 64, has_cls=False)) == model.baseline_ms
 
@@ -245,37 +252,53 @@ def test_latency_model_is_the_baseline_for_the_empty_schedule() -> None:
 @pytest.mark.parametrize("merge_share", [0.0, 0.05])
 def test_latency_model_prediction_falls_with_pruning(merge_share: float) -> None:
     model = tiny_latency_model(0.25, merge_share)
-    # The same merging layers, more tokens removed: strictly faster.
     predictions = [
         model.predict_ms(Schedule.preset("mean", num_layers=LAYERS, tokens_in=64, tokens_out=out))
         for out in (60, 56, 48, 32, 24, 16)
     ]
     assert predictions == sorted(predictions, reverse=True) and len(set(predictions)) == len(predictions)
-    assert predictions[-1] < model.baseline_ms
-    # Earlier merging saves more than the same merging later.
     early = Schedule.preset("first", num_layers=LAYERS, tokens_in=64, tokens_out=32, n=1)
     late = Schedule.preset("last", num_layers=LAYERS, tokens_in=64, tokens_out=32, n=1)
     assert model.predict_ms(early) < model.predict_ms(late) < model.baseline_ms
-    # The formula itself.
     ratio = model.flops(early) / model.flops_native
     assert merge_work(early) == merge_work(late) == 1.0  # one step over all 64 tokens each
     assert model.predict_ms(early) == pytest.approx(40.0 * (0.25 + 0.75 * ratio + merge_share))
-    assert model.predict_speedup(early) == pytest.approx(40.0 / model.predict_ms(early))
-    # The fixed share is never merged away.
     assert all(p > 0.25 * 40.0 for p in predictions)
+
+
+def test_latency_model_accounts_for_every_costly_scoring_setting() -> None:
+    model = tiny_latency_model(0.2, merge_share=0.01, attention_share=0.03, knn_share=0.02)
+    plan = [16, 8, 0, 0]
+    cost = {
+        name: model.predict_ms(Schedule(plan, 64, scoring=scoring))
+        for name, scoring in {
+            "plain": Scoring(w_div=0.0, w_attn=0.0, ctr=0.0),
+            "knn": Scoring(w_div=0.5, w_attn=0.0, ctr=0.0),
+            "ctr": Scoring(w_div=0.0, w_attn=0.0, ctr=0.25),
+            "w_attn": Scoring(w_div=0.0, w_attn=0.5, ctr=0.0),
+            "paper": Scoring(),
+        }.items()
+    }
+    work = merge_work(Schedule(plan, 64))
+    assert cost["knn"] - cost["plain"] == pytest.approx(40.0 * 0.02 * work)
+    assert (
+        cost["ctr"] - cost["plain"]
+        == pytest.approx(40.0 * 0.03 * work)
+        == pytest.approx(cost["w_attn"] - cost["plain"])
+    )
+    assert cost["paper"] - cost["plain"] == pytest.approx(40.0 * 0.05 * work)
 
 
 def test_merge_overhead_can_make_a_light_schedule_slower_than_native() -> None:
     model = tiny_latency_model(0.1, merge_share=0.05)
-    light = merge_probe_schedule(LAYERS, 64)  # one token off every layer: 4 merge steps, almost native FLOPs
-    assert light.remove_per_layer == [1, 1, 1, 1]
-    assert model.predict_ms(light) > model.baseline_ms and model.predict_speedup(light) < 1
+    light = one_token_per_layer(LAYERS, 64)  # one token off every layer: 4 merge steps, almost native FLOPs
+    assert model.predict_ms(light) > model.baseline_ms
     assert tiny_latency_model(0.1).predict_ms(light) < model.baseline_ms  # without the merge term it cannot be
 
 
 def test_latency_model_rejects_foreign_schedules_and_bad_documents() -> None:
     model = tiny_latency_model()
-    with pytest.raises(EvaluatorError, match="calibrate a latency model for this encoder"):
+    with pytest.raises(EvaluatorError, match="the schedule is for 5 layers"):
         model.predict_ms(Schedule.none(LAYERS + 1, 64))
     with pytest.raises(EvaluatorError, match="missing fields"):
         LatencyModel.from_dict({"baseline_ms": 1.0})
@@ -295,77 +318,119 @@ def test_latency_model_rejects_foreign_schedules_and_bad_documents() -> None:
         LatencyModel.from_dict({**model.to_dict(), "merge_share": -0.1})
 
 
-def test_probe_schedules_respect_every_layer_cap() -> None:
-    for layers, tokens in [(1, 1), (1, 7), (4, 3), (2, 35), (6, 64), (24, 576), (27, 729)]:
-        light = merge_probe_schedule(layers, tokens)  # the Schedule constructor checks every cap
-        assert light.remove_per_layer == [1 if layer < min(layers, tokens - 1) else 0 for layer in range(layers)]
-        probe = probe_schedule(layers, tokens)
-        assert probe.num_layers == layers and probe.tokens_in == tokens
-        expected = tokens
-        for _ in range(min(2, layers)):  # the first two layers keep half (rounded up) of what they receive
-            expected = math.ceil(expected / 2)
-        assert probe.tokens_out == expected
+def test_synthetic_latency_is_deterministic_and_labelled() -> None:
+    model = tiny_clip_vision()
+    source = SyntheticLatency(synthetic_model(model))
+    schedule = Schedule.preset("skip", num_layers=LAYERS, tokens_in=64, tokens_out=32)
+    first = source.paired(lambda: None, lambda: None, schedule, rounds=5)
+    again = source.paired(lambda: None, lambda: None, schedule, rounds=5)
+    assert first == again and first.source == "synthetic" and first.spread == 0.0
+    assert first.ratio == pytest.approx(source.model.predict_ms(schedule) / SYNTHETIC_BASELINE_MS)
+    assert source.reference(lambda: None, 4).median_ms == SYNTHETIC_BASELINE_MS
+    assert source.environment()["source"] == "synthetic"
 
 
-class TinyVisionEvaluator(Evaluator):
-    """A real evaluator around a tiny random CLIP encoder (not registered: it is for these tests only)."""
-
-    name = "tiny-vision"
-
-    def __init__(self, batch_size: int = 8) -> None:
-        self.model = tiny_clip_vision()
-        self.batch_size = batch_size
-        self.device = torch.device("cpu")
-        self.x = torch.randn(batch_size, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
-
-    def accuracy(self, split: Split = "calib") -> float:
-        return 1.0
-
-    def latency_call(self) -> Callable[[], Any]:
-        return lambda: self.model(pixel_values=self.x)
-
-    def settings(self) -> dict[str, Any]:
-        return {"evaluator": self.name, "batch_size": self.batch_size}
+# --------------------------------------------------------------------------------------- paired measurement, verdict
 
 
-def test_calibrate_on_a_tiny_clip_encoder() -> None:
-    evaluator = TinyVisionEvaluator()
-    meter = LatencyMeter("cpu", repeats=5, warmup=1)
-    model = calibrate_latency_model(evaluator, meter)
-    assert model.baseline_ms > 0 and 0.0 <= model.fixed_share <= MAX_FIXED_SHARE
-    assert (model.num_layers, model.tokens_in, model.has_cls) == (LAYERS, 64, True)
-    assert (model.hidden_size, model.intermediate_size) == (WIDTH, 4 * WIDTH)
-    assert model.flops_native == native_flops()
-    assert 0.0 <= model.merge_share <= 1.0
-    calibration = model.calibration
-    heavy, light = calibration["probes"]["heavy"], calibration["probes"]["merge"]
-    assert heavy["remove_per_layer"] == [32, 16, 0, 0] and light["remove_per_layer"] == [1, 1, 1, 1]
-    assert 0 < heavy["flop_ratio"] < light["flop_ratio"] < 1
-    assert heavy["measured_ratio"] > 0 and light["measured_ratio"] > 0
-    assert calibration["evaluator"] == "tiny-vision" and calibration["batch_size"] == 8
-    assert calibration["environment"]["threads"] == torch.get_num_threads()
-    # The fit passes through both probes' measurements where nothing was clamped.
-    probe = probe_schedule(LAYERS, 64)
-    if 0.0 < calibration["raw_fixed_share"] < MAX_FIXED_SHARE and calibration["raw_merge_share"] > 0:
-        assert model.predict_ms(probe) / model.baseline_ms == pytest.approx(heavy["measured_ratio"], rel=1e-9)
-        light_ratio = model.predict_ms(merge_probe_schedule(LAYERS, 64)) / model.baseline_ms
-        assert light_ratio == pytest.approx(light["measured_ratio"], rel=1e-9)
-    # Five rounds asked for, the calibration minimum measured.
-    assert calibration["rounds"] == 10 and calibration["environment"]["repeats"] == 10
-    assert model.predict_ms(Schedule.none(LAYERS, 64)) == model.baseline_ms
-    assert LatencyModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
-    # The probe was removed: the model is untouched and accepts a schedule again.
-    with apply(evaluator.model, probe) as handle:
-        evaluator.model(pixel_values=evaluator.x)
-    assert handle.token_counts == [32, 16, 16, 16]
+def test_paired_latency_is_the_median_ratio_times_the_reference() -> None:
+    # A load burst in round 3 slows both calls alike: the ratio does not move.
+    paired = PairedLatency((40.0, 42.0, 80.0, 38.0, 41.0), (80.0, 80.0, 160.0, 80.0, 80.0))
+    assert paired.ratio == 0.5 and paired.candidate_median_ms == 41.0 and paired.baseline_median_ms == 80.0
+    assert paired.latency_ms(100.0) == 50.0
+    assert paired.upper_ms(100.0) == pytest.approx(100.0 * median_upper_bound(paired.ratios))
+    assert paired.upper_ms(100.0) > paired.latency_ms(100.0)
+    record = paired.to_dict(100.0)
+    assert record["latency_ms"] == 50.0 and record["rounds"] == 5 and record["baseline_samples_ms"][2] == 160.0
+    with pytest.raises(EvaluatorError, match="as many baseline as candidate samples"):
+        PairedLatency((1.0,), (1.0, 2.0))
 
 
-def test_calibrate_without_the_merge_term_is_the_flop_line() -> None:
-    evaluator = TinyVisionEvaluator(batch_size=4)
-    model = calibrate_latency_model(evaluator, LatencyMeter("cpu", repeats=10, warmup=1), merge_term=False)
-    assert model.merge_share == 0.0 and list(model.calibration["probes"]) == ["heavy"]
-    heavy = model.calibration["probes"]["heavy"]
-    y, f = heavy["measured_ratio"], heavy["flop_ratio"]
-    assert model.fixed_share == pytest.approx(min(MAX_FIXED_SHARE, max(0.0, (y - f) / (1 - f))))
-    light = merge_probe_schedule(LAYERS, 64)
-    assert model.predict_ms(light) < model.baseline_ms  # the FLOP line never predicts a slowdown
+def test_one_budget_rule_for_every_kind_of_budget() -> None:
+    steady = PairedLatency((30.0,) * 9, (60.0,) * 9)  # ratio exactly 0.5, no spread
+    assert budget_verdict(steady, parse_budget("2x"), 60.0).met
+    assert budget_verdict(steady, parse_budget("50%"), 60.0).met
+    assert not budget_verdict(steady, parse_budget("2.01x"), 60.0).met
+    assert budget_verdict(steady, parse_budget("30ms"), 60.0).met
+    assert not budget_verdict(steady, parse_budget("29.9ms"), 60.0).met
+    # The study's reference decides an absolute budget: the same ratio on a reference of 80 ms is 40 ms.
+    assert not budget_verdict(steady, parse_budget("30ms"), 80.0).met
+    # A noisy measurement whose median meets the limit but whose bound does not is not "met".
+    noisy = PairedLatency((28.0, 33.0, 26.0, 34.0, 29.0), (60.0,) * 5)
+    verdict = budget_verdict(noisy, parse_budget("30ms"), 60.0)
+    assert verdict.latency_ms <= 30.0 < verdict.upper_ms and not verdict.met
+    assert "NOT met" in verdict.describe() and "bound" in verdict.describe()
+
+
+class ScriptedCalls:
+    """Two zero-argument calls whose durations follow a script (sleep), to drive MeasuredLatency deterministically."""
+
+    def __init__(self, baseline_ms: list[float], candidate_ms: list[float]) -> None:
+        self.baseline_ms, self.candidate_ms = iter(baseline_ms), iter(candidate_ms)
+
+    def baseline(self) -> None:
+        time.sleep(next(self.baseline_ms) / 1000.0)
+
+    def candidate(self) -> None:
+        time.sleep(next(self.candidate_ms) / 1000.0)
+
+
+def test_a_noisy_measurement_is_measured_again_and_flagged() -> None:
+    meter = LatencyMeter("cpu", threads=1, warmup=0)
+    schedule = Schedule.none(LAYERS, 64)
+    steady = ScriptedCalls([20.0] * 4, [10.0] * 4)
+    paired = MeasuredLatency(meter).paired(steady.baseline, steady.candidate, schedule, rounds=4, reference_ms=20.0)
+    assert paired.attempts == 1 and not paired.noisy and paired.ratio == pytest.approx(0.5, rel=0.2)
+    # Every attempt swings the candidate between 5 and 20 ms: re-measured up to MAX_ATTEMPTS, samples pooled, flagged.
+    swinging = ScriptedCalls([20.0] * 12, [5.0, 20.0, 5.0, 20.0] * 3)
+    paired = MeasuredLatency(meter).paired(swinging.baseline, swinging.candidate, schedule, rounds=4)
+    assert paired.attempts == MAX_ATTEMPTS and paired.noisy and len(paired.ratios) == 4 * MAX_ATTEMPTS
+    # A baseline far from the study's reference (a loaded machine) is measured again too.
+    moved = ScriptedCalls([20.0] * 12, [10.0] * 12)
+    paired = MeasuredLatency(meter).paired(moved.baseline, moved.candidate, schedule, rounds=4, reference_ms=10.0)
+    assert paired.attempts == MAX_ATTEMPTS and paired.noisy
+
+
+# ------------------------------------------------------------------------------------------------ workload sizing
+
+
+def simulated_machine(per_item_ms: float, fixed_ms: float = 3.0, pruned_share: float = 0.62):
+    """A machine whose unpruned forward costs fixed + per_item x batch, and a strong pruning probe a share of that."""
+
+    def measure(batch: int) -> tuple[float, float]:
+        unpruned = fixed_ms + per_item_ms * batch
+        return unpruned, fixed_ms + pruned_share * per_item_ms * batch
+
+    return measure
+
+
+@pytest.mark.parametrize(("name", "per_item_ms"), [("2x slower", 2.4), ("today's", 1.2), ("2x faster", 0.6)])
+def test_workload_sizing_puts_the_budget_between_pruned_and_unpruned(name: str, per_item_ms: float) -> None:
+    measure = simulated_machine(per_item_ms)
+    choice = choose_batch_size(measure, 50.0)
+    unpruned, pruned = measure(choice.batch_size)
+    assert (choice.unpruned_ms, choice.pruned_ms) == (unpruned, pruned)
+    assert unpruned > 50.0 >= pruned, name
+    assert unpruned >= 1.2 * 50.0  # clearly over the budget, so the search must prune
+    assert "batch" in choice.reason and "this machine" in choice.reason
+
+
+def test_workload_sizing_on_a_machine_with_a_large_fixed_cost_keeps_the_budget_reachable() -> None:
+    # Half the budget is fixed cost: aiming the unpruned model at 1.3x the budget would leave the probe over it.
+    measure = simulated_machine(1.0, fixed_ms=25.0, pruned_share=0.5)
+    choice = choose_batch_size(measure, 50.0)
+    unpruned, pruned = measure(choice.batch_size)
+    assert unpruned > 50.0 >= pruned
+
+
+def test_workload_sizing_corrects_a_line_the_probes_got_wrong() -> None:
+    calls: list[int] = []
+
+    def measure(batch: int) -> tuple[float, float]:
+        calls.append(batch)
+        slow = 3.0 if len(calls) <= 2 else 1.0  # the probes ran during a slow phase
+        return slow * (1.0 + 1.0 * batch), slow * (1.0 + 0.6 * batch)
+
+    choice = choose_batch_size(measure, 50.0)
+    assert choice.unpruned_ms > 50.0 >= choice.pruned_ms
+    assert len(calls) == 4  # two probes, one check, one corrected check

@@ -8,10 +8,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evaluators import LatencyMeter, parse_budget
+from evaluators import LatencyMeter, LatencySource, MeasuredLatency, PairedLatency, parse_budget
 from evaluators.demo import DemoEvaluator
+from evaluators.latency import LatencyResult, synthetic_model
 from search_spaces import get_space
-from tuner.export import pareto_front
+from tuner.evoprune import Schedule
+from tuner.export import pareto_front, select_schedule
 from tuner.study import (
     ATTR_SEED_POINT,
     RunOptions,
@@ -32,11 +34,6 @@ from tuner.study import (
 def tiny_demo_evaluator() -> DemoEvaluator:
     """The demo task on 24 + 24 scenes at batch 8 (built once: loading renders the scenes)."""
     return DemoEvaluator(calib=24, holdout=24, batch_size=8)
-
-
-@pytest.fixture(autouse=True)
-def _shared_calibration(monkeypatch: pytest.MonkeyPatch, tuner_calibration_cache: Path) -> None:
-    monkeypatch.setenv("TUNER_CACHE_DIR", str(tuner_calibration_cache))
 
 
 def _options(tmp_path: Path, **changes: object) -> RunOptions:
@@ -64,8 +61,11 @@ def _study(tmp_path: Path, evaluator: DemoEvaluator, **changes: object) -> Study
     return context
 
 
-def _runner(context: StudyContext, evaluator: DemoEvaluator, sampler: str = "random") -> StudyRunner:
-    return StudyRunner(context, evaluator, LatencyMeter("cpu", repeats=2, warmup=0), sampler, 0)
+def _runner(
+    context: StudyContext, evaluator: DemoEvaluator, sampler: str = "random", source: LatencySource | None = None
+) -> StudyRunner:
+    source = source or MeasuredLatency(LatencyMeter("cpu", warmup=0))
+    return StudyRunner(context, evaluator, source, sampler, 0, rounds=2)
 
 
 def test_new_study_is_set_up_with_metric_names_settings_and_seed_trials(
@@ -82,7 +82,8 @@ def test_new_study_is_set_up_with_metric_names_settings_and_seed_trials(
         "paper skip default, 50% tokens",
         "paper skip default, 25% tokens",
     ]
-    assert context.latency_model.baseline_ms > 0 and context.baseline["accuracy_calib"] > 0
+    assert context.reference_ms > 0 and context.baseline["accuracy_calib"] > 0
+    assert len(context.baseline["latency_samples_ms"]) == 5 and context.latency_source == "measured"
 
 
 def test_identical_schedules_are_evaluated_once_also_across_resume(
@@ -115,11 +116,51 @@ def test_constraint_marks_trials_over_the_budget_and_front_matches_optuna(
     records = trial_records(context.study)
     budget_ms = context.budget_ms()
     for record in records:
-        assert record.feasible == (record.latency_ms <= budget_ms)
-    assert not records[0].feasible  # no pruning: 100% of the unpruned latency, over 95%
+        measured = record.latency
+        assert record.latency_ms == pytest.approx(measured["ratio"] * context.reference_ms)
+        assert len(measured["candidate_samples_ms"]) == len(measured["baseline_samples_ms"]) >= 2
+        assert record.feasible == record.meets(budget_ms) == (record.upper_ms <= budget_ms)
     ours = sorted(r.number for r in pareto_front(records, budget_ms))
     optunas = sorted(t.number for t in context.study.best_trials)
     assert ours == optunas
+
+
+class StubMeter(LatencySource):
+    """A stand-in for timings with known answers: ratio 0.55 at 32 tokens out or fewer, 0.9 above, 1 unpruned."""
+
+    name = "stub"
+
+    def reference(self, baseline: object, rounds: int) -> LatencyResult:
+        raise AssertionError("the study's reference comes from create_or_resume")
+
+    def paired(
+        self, baseline: object, candidate: object, schedule: Schedule, rounds: int, reference_ms: float | None = None
+    ) -> PairedLatency:  # noqa: E501
+        ratio = 1.0 if schedule.is_empty else (0.55 if schedule.tokens_out <= 32 else 0.9)
+        return PairedLatency((ratio * 100.0,) * rounds, (100.0,) * rounds, self.name)
+
+
+def test_feasibility_and_the_export_follow_the_measurement_not_a_model(
+    tmp_path: Path, tiny_demo_evaluator: DemoEvaluator
+) -> None:
+    # A latency model skewed 30% high calls most pruned schedules over a 70% budget; the meter says otherwise.
+    context = _study(tmp_path, tiny_demo_evaluator, budget="70%", latency_source="synthetic")
+    assert context.reference_ms == 100.0
+    runner = _runner(context, tiny_demo_evaluator, source=StubMeter())
+    runner.run(total_trials=16, timeout=None)
+    records = trial_records(context.study)
+    skewed = synthetic_model(tiny_demo_evaluator.model)
+    budget_ms = context.budget_ms()
+    assert budget_ms == pytest.approx(70.0)
+    measured_feasible = {r.number for r in records if r.latency_ms <= 55.0 + 1e-9}
+    assert {r.number for r in records if r.feasible} == measured_feasible
+    model_says_over = [
+        r for r in records if r.feasible and 1.3 * skewed.predict_ms(context.schedule_of(r.trial)) > budget_ms
+    ]
+    assert model_says_over, "the test needs trials the skewed model would call infeasible"
+    selection = select_schedule(context, tiny_demo_evaluator, StubMeter(), rounds=3)
+    assert selection.chosen is not None and selection.chosen.record.number in measured_feasible
+    assert selection.chosen.verdict is not None and selection.chosen.verdict.latency_ms == pytest.approx(55.0)
 
 
 def test_resuming_with_other_settings_is_refused_naming_the_differences(

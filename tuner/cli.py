@@ -166,100 +166,85 @@ def run(
         Prefer, typer.Option(help="Which feasible Pareto-optimal schedule to export: most accurate or fastest.")
     ] = Prefer.accurate,
     repeats: Annotated[
-        int, typer.Option(help="Timed runs of each trial's latency measurement (for the record and the plot).", min=1)
-    ] = 20,
+        int,
+        typer.Option(
+            help="Interleaved rounds (the schedule, then the unpruned model) of each trial's latency measurement; a "
+            "noisy one is measured again.",
+            min=1,
+        ),
+    ] = 8,
     final_repeats: Annotated[
-        int, typer.Option(help="Timed runs of the calibration and of the final interleaved re-measurements.", min=1)
+        int,
+        typer.Option(
+            help="Runs of the study's reference unpruned latency and rounds of the export's re-measurements.", min=1
+        ),
     ] = 20,
-    recalibrate: Annotated[
-        bool, typer.Option(help="Measure the latency model afresh instead of reusing this machine's cached one.")
-    ] = False,
+    latency_source: Annotated[
+        str,
+        typer.Option(
+            help="measured (real timings, the default) or synthetic (a deterministic FLOP model made for tests and "
+            "reproducible experiments; never a measurement, and labelled so everywhere)."
+        ),
+    ] = "measured",
 ) -> None:
     """Search schedules under a latency budget; write studies/<study>/best.json and pareto.html.
 
-    Maximises accuracy and minimises latency (Optuna, multi-objective, budget as a constraint). An existing study with
-    the same settings resumes; one with other settings is refused. Exit 3 when no schedule meets the budget.
+    Maximises accuracy and minimises measured latency (Optuna, multi-objective, budget as a constraint). Each trial
+    times its schedule in rounds interleaved with the unpruned model; latency_ms is the median ratio times the
+    study's reference unpruned latency. For the demo with a budget in ms and no --batch-size, the batch of scenes
+    per timed forward is sized to this machine when the study is created (and kept on resume). An existing study
+    with the same settings resumes (seed, sampler, trials, timeout, prefer, repeats and final-repeats may change);
+    one with other settings is refused. Exit 3 when no schedule meets the budget, 130 when interrupted.
     """
-    from evaluators import LatencyMeter, get_evaluator, parse_budget
-    from evaluators.loading import resolve_device, resolve_dtype
-    from search_spaces import get_space
+    from tuner.api import run_study
     from tuner.progress import RunProgress
-    from tuner.study import (
-        SAMPLERS,
-        RunOptions,
-        StudyRunner,
-        TunerError,
-        create_or_resume,
-        default_study_name,
-        evaluator_dtype,
-        open_storage,
-        public_url,
-        resolve_device_name,
-        stop_on_interrupt,
-        trial_records,
-        tune_allocator,
-    )
+    from tuner.study import RunOptions
 
-    tune_allocator()
     options = RunOptions(
         budget=budget, trials=trials, timeout=timeout, seed=seed, sampler=sampler, storage=storage, study=study,
         model=model, dataset=dataset, evaluator=evaluator, calib=calib, holdout=holdout, batch_size=batch_size,
-        device=device, dtype=dtype, space=space, repeats=repeats, final_repeats=final_repeats, recalibrate=recalibrate,
+        device=device, dtype=dtype, space=space, repeats=repeats, final_repeats=final_repeats,
+        latency_source=latency_source, prefer=prefer.value,
     )  # fmt: skip
-    parsed_budget = parse_budget(budget)
-    get_space(space)
-    if sampler not in SAMPLERS:
-        raise TunerError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
-    evaluator_cls = get_evaluator(options.evaluator_name)
-    resolve_dtype(dtype, resolve_device(resolve_device_name(device)))
-    if timeout is not None and timeout <= 0:
-        raise TunerError(f"--timeout must be a number of seconds > 0, got {timeout:g}")
     console = _console()
     progress = RunProgress(console)
-    study_name = study or default_study_name(
-        model, options.evaluator_name, dataset, resolve_device_name(device), parsed_budget
-    )
     with _quiet_libraries(storage):
-        storage_backend = open_storage(storage)
-        progress.note(f"loading the {options.evaluator_name} evaluator (model and data)")
-        build: Callable[..., Any] = evaluator_cls
-        task = build(**options.evaluator_args(), seed=0)
-        resume_hint = _resume_command(options, study_name)
-        runner: StudyRunner | None = None
-        try:
-            context, resumed = create_or_resume(
-                storage_backend, storage, study_name, options, task, parsed_budget, progress.note
-            )
-            records = trial_records(context.study)
-            progress.note(
-                f"{'resuming' if resumed else 'created'} study {study_name!r} in {public_url(storage)}: "
-                f"{len(records)} finished trials, budget {parsed_budget} = {context.budget_ms():.2f} ms "
-                f"(unpruned {context.latency_model.baseline_ms:.2f} ms at batch size {task.batch_size})"
-            )
-            meter = LatencyMeter(task.device, repeats=repeats, warmup=1, dtype=evaluator_dtype(task))
-            runner = StudyRunner(context, task, meter, sampler, seed, on_trial=progress.trial)
-            if len(records) >= trials:
-                held = f"the study already holds {len(records)} finished trials (--trials {trials})"
-                progress.note(f"{held}; raise --trials to search more")
-            else:
-                progress.start(trials, records)
-                try:
-                    with stop_on_interrupt(context.study, progress.note) as stop:
-                        runner.run(trials, timeout)
-                finally:
-                    progress.stop()
-                if stop.requested:
-                    _report_interrupt(storage, study_name, resume_hint, "the running trial was finished first")
-                    raise typer.Exit(EXIT_INTERRUPTED)
-            code = _finish(context, task, parsed_budget, prefer.value, final_repeats, progress, console)
-        except KeyboardInterrupt:
-            progress.stop()
-            if runner is not None:
-                runner.fail_unfinished()
-            _report_interrupt(storage, study_name, resume_hint, "the running trial is marked failed")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-    if code:
-        raise typer.Exit(code)
+        result = run_study(options, progress)
+    if result.interrupted:
+        running = "the running trial was finished first" if result.interrupted == "sigint" else (
+            "the running trial is marked failed")  # fmt: skip
+        _report_interrupt(storage, result.study, _resume_command(options, result.study), running)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_selection(result.selection, progress, console)
+    if result.schedule is None:
+        console.print(f"plot: {result.plot_path}")
+        raise typer.Exit(EXIT_NO_FEASIBLE)
+    _print_chosen(result.schedule, result.best_path, console)
+    console.print(f"plot: {result.plot_path}")
+
+
+def _print_selection(selection: Any, progress: Any, console: Console) -> None:
+    from tuner.progress import selection_table
+
+    if selection.finalists:
+        console.print(selection_table(selection))
+    for line in selection.notes:
+        progress.note(line)
+    if selection.chosen is None:
+        _report_no_feasible(selection, console)
+
+
+def _print_chosen(schedule: Any, path: Any, console: Console) -> None:
+    metrics, provenance = schedule.metrics, schedule.provenance
+    source = "" if metrics["latency_source"] == "measured" else f" ({metrics['latency_source']}, not measured)"
+    console.print(
+        f"chosen: trial {provenance['trial']}: {schedule.describe()}\n"
+        f"  accuracy calib {metrics['accuracy_calib']:.4f}, held-out {metrics['accuracy_holdout']:.4f} "
+        f"(unpruned {metrics['accuracy_holdout_unpruned']:.4f}); latency {metrics['latency_ms']:.2f} ms measured "
+        f"again{source} (bound {metrics['latency_upper_ms']:.2f} ms, budget {metrics['budget_ms']:.2f} ms, unpruned "
+        f"{metrics['baseline_ms']:.2f} ms, {metrics['speedup_measured']:.2f}x)\n"
+        f"schedule: {path}"
+    )
 
 
 def _resume_command(options: Any, study_name: str) -> str:
@@ -294,73 +279,23 @@ def _report_interrupt(storage: str, study_name: str, resume_hint: str, running: 
     )
 
 
-def _finish(
-    context: Any, task: Any, budget: Any, prefer: str, final_repeats: int, progress: Any, console: Console
-) -> int:
-    """Select, validate and export; write the plot. Returns the exit code (0, or 3 without a feasible schedule)."""
-    from evaluators import LatencyMeter
-    from tuner.export import exported_schedule, select_schedule, write_export
-    from tuner.progress import selection_table
-    from tuner.study import evaluator_dtype, output_dir
-
-    meter = LatencyMeter(task.device, repeats=final_repeats, warmup=3, dtype=evaluator_dtype(task))
-    selection = select_schedule(context, task, meter, budget=budget, prefer=prefer, note=progress.note)  # type: ignore[arg-type]
-    folder = output_dir(context.name)
-    plot_path = _write_plot(context, folder / "pareto.html", selection)
-    if selection.finalists:
-        console.print(selection_table(selection))
-    for line in selection.notes:
-        progress.note(line)
-    if selection.chosen is None:
-        _report_no_feasible(selection, console)
-        console.print(f"plot: {plot_path}")
-        return EXIT_NO_FEASIBLE
-    schedule = exported_schedule(selection, context, task, meter)
-    best_path = write_export(schedule, folder / "best.json")
-    metrics = schedule.metrics
-    console.print(
-        f"chosen: trial {selection.chosen.record.number}: {schedule.describe()}\n"
-        f"  accuracy calib {metrics['accuracy_calib']:.4f}, held-out {metrics['accuracy_holdout']:.4f} "
-        f"(unpruned {metrics['accuracy_holdout_unpruned']:.4f}); latency {metrics['latency_ms_measured']['median']:.2f}"
-        f" ms re-measured (budget {metrics['budget_ms']:.2f} ms, unpruned {metrics['baseline_ms']:.2f} ms, "
-        f"{metrics['speedup_measured']:.2f}x)\n"
-        f"schedule: {best_path}\nplot: {plot_path}"
-    )
-    return 0
-
-
 def _report_no_feasible(selection: Any, console: Console) -> None:
     from tuner.export import Finalist
 
     closest = selection.closest
     console.print(f"[bold red]no schedule meets the budget {selection.budget}[/bold red]")
-    if isinstance(closest, Finalist) and closest.measured is not None and closest.limit_ms is not None:
+    if isinstance(closest, Finalist) and closest.verdict is not None:
         console.print(
-            f"closest: trial {closest.record.number}: {closest.record.summary}: {closest.measured.median_ms:.2f} ms "
-            f"re-measured, {closest.excess_ms:.2f} ms over {closest.limit_ms:.2f} ms; accuracy "
-            f"{closest.record.accuracy:.4f}"
+            f"closest: trial {closest.record.number}: {closest.record.summary}: measured again "
+            f"{closest.verdict.describe()}; accuracy {closest.record.accuracy:.4f}"
         )
     elif closest is not None:
         console.print(
-            f"closest: trial {closest.number}: {closest.summary}: {closest.latency_ms:.2f} ms predicted, "
-            f"{closest.latency_ms - selection.budget_ms:.2f} ms over {selection.budget_ms:.2f} ms; accuracy "
-            f"{closest.accuracy:.4f}"
+            f"closest: trial {closest.number}: {closest.summary}: {closest.latency_ms:.2f} ms measured (bound "
+            f"{closest.upper_ms:.2f} ms), {closest.upper_ms - selection.budget_ms:.2f} ms over "
+            f"{selection.budget_ms:.2f} ms; accuracy {closest.accuracy:.4f}"
         )
     console.print("loosen the budget (e.g. a larger --budget), or widen the search (--trials, --space keep_ratios)")
-
-
-def _write_plot(context: Any, path: Path, selection: Any | None) -> Path:
-    from tuner.export import pareto_front
-    from tuner.plots import pareto_figure, write_pareto_html
-    from tuner.study import ATTR_FINAL, trial_records
-
-    front = {r.number for r in pareto_front(trial_records(context.study), context.budget_ms())}
-    if selection is not None:
-        chosen = selection.chosen.record.number if selection.chosen else None
-    else:
-        final = context.study.user_attrs.get(ATTR_FINAL) or {}
-        chosen = final.get("chosen_trial") if final.get("budget") == context.settings["budget"] else None
-    return write_pareto_html(pareto_figure(context, front, chosen), path)
 
 
 def _open_context(storage: str, study: str | None) -> Any:
@@ -398,45 +333,26 @@ def export(
     ] = None,
     final_repeats: Annotated[int, typer.Option(help="Timed runs of each interleaved re-measurement.", min=1)] = 20,
 ) -> None:
-    """Choose a stored study's schedule for a budget, validate it (held-out slice, re-measured latency), write JSON.
+    """Choose a stored study's schedule for a budget, validate it (held-out slice, measured again), write JSON.
 
-    Rebuilds the study's evaluator (same model, data and device). Exit 3 when no schedule meets the budget.
+    Rebuilds the study's evaluator (same model, data, device and batch). A schedule is exported only when it meets the
+    budget measured again, by the same rule as `run` (median ratio + 2 standard errors, times the study's reference
+    unpruned latency, within the limit). Exit 3 when no schedule meets the budget.
     """
-    from evaluators import LatencyMeter, parse_budget
-    from tuner.export import exported_schedule, select_schedule, write_export
-    from tuner.progress import RunProgress, selection_table
-    from tuner.study import evaluator_dtype, evaluator_from_context, output_dir, tune_allocator
+    from tuner.api import export_study
+    from tuner.progress import RunProgress
 
-    tune_allocator()
-    chosen_budget = parse_budget(budget) if budget is not None else None
     console = _console()
     progress = RunProgress(console, live=False)
     with _quiet_libraries(storage):
-        context = _open_context(storage, study)
-        progress.note(f"loading the {context.meta['evaluator']} evaluator of study {context.name!r}")
-        task = evaluator_from_context(context)
-        meter = LatencyMeter(task.device, repeats=final_repeats, warmup=3, dtype=evaluator_dtype(task))
-        selection = select_schedule(
-            context,
-            task,
-            meter,
-            budget=chosen_budget,
-            prefer=prefer.value,
-            note=progress.note,  # type: ignore[arg-type]
-        )
-    if selection.finalists:
-        console.print(selection_table(selection))
-    for line in selection.notes:
-        progress.note(line)
-    if selection.chosen is None:
-        _report_no_feasible(selection, console)
+        selection, schedule, path = export_study(
+            storage, study, budget=budget, prefer=prefer.value, final_repeats=final_repeats, output=output,
+            events=progress,
+        )  # fmt: skip
+    _print_selection(selection, progress, console)
+    if schedule is None:
         raise typer.Exit(EXIT_NO_FEASIBLE)
-    if output is None:
-        name = "best.json" if chosen_budget is None else f"best-{str(chosen_budget).replace('%', 'pct')}.json"
-        output = output_dir(context.name) / name
-    schedule = exported_schedule(selection, context, task, meter)
-    path = write_export(schedule, output)
-    console.print(f"chosen: trial {selection.chosen.record.number}: {schedule.describe()}\nschedule: {path}")
+    _print_chosen(schedule, path, console)
 
 
 @app.command()
@@ -448,49 +364,80 @@ def plot(
         Path | None, typer.Option("--output", "-o", help="HTML file to write; default studies/<study>/pareto.html.")
     ] = None,
 ) -> None:
-    """Write a study's Pareto plot (accuracy vs latency, budget line, baseline) as self-contained HTML."""
+    """Write a study's Pareto plot (accuracy vs measured latency, budget line, baseline) as self-contained HTML."""
+    from tuner.api import write_plot
     from tuner.study import output_dir
 
     with _quiet_libraries(storage):
         context = _open_context(storage, study)
-        path = _write_plot(context, output or output_dir(context.name) / "pareto.html", None)
+        path = write_plot(context, output or output_dir(context.name) / "pareto.html")
     typer.echo(f"plot: {path}")
 
 
 @app.command()
 @one_line_errors
 def studies(storage: StorageOption = "sqlite:///studies/tuner.db") -> None:
-    """List the studies in a storage: trials, budget, best feasible schedule."""
+    """List the studies in a storage: trials finished of requested, budget, measured best, exported trial."""
     import optuna
-    from optuna.trial import TrialState
 
-    from tuner.study import ATTR_SETTINGS, open_storage, public_url, trial_records
+    from tuner.study import StudyContext, TunerError, open_storage, public_url, trial_records
 
+    lines: list[str] = []
     with _quiet_libraries(storage):
         backend = open_storage(storage, create=False)
         summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
-        table = Table(title=f"studies in {public_url(storage)}")
-        for header in ("study", "trials", "budget", "best feasible (accuracy @ predicted ms)", "schedule"):
-            table.add_column(header)
         for summary in sorted(summaries, key=lambda s: s.study_name):
             loaded = optuna.load_study(study_name=summary.study_name, storage=backend)
-            trials = loaded.get_trials(deepcopy=False)
-            complete = sum(trial.state == TrialState.COMPLETE for trial in trials)
-            settings = loaded.user_attrs.get(ATTR_SETTINGS) or {}
-            feasible = [r for r in trial_records(loaded) if r.feasible]
-            best = min(feasible, key=lambda r: (-r.accuracy, r.latency_ms, r.number)) if feasible else None
-            table.add_row(
-                summary.study_name,
-                f"{complete} finished / {len(trials)}",
-                str(settings.get("budget", "-")),
-                f"trial {best.number}: {best.accuracy:.4f} @ {best.latency_ms:.2f} ms" if best else "none",
-                best.summary if best else "",
-            )
+            try:
+                context = StudyContext.load(loaded, storage)
+            except TunerError:
+                lines.append(f"{summary.study_name}: not a finished tuner study ({summary.n_trials} trials)")
+                continue
+            lines += _study_lines(context, trial_records(loaded))
     console = _console()
     if summaries:
-        console.print(table)
+        console.print(f"studies in {public_url(storage)}")
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
     else:
         console.print(f"no studies in {public_url(storage)}; start one with: python -m tuner run --budget 50ms")
+
+
+def _study_lines(context: Any, records: list[Any]) -> list[str]:
+    """What `tuner studies` says of one study: trials, budget, reference, measured best, export."""
+    from tuner.study import ATTR_FINAL
+
+    requested = context.requested_trials
+    noisy = sum(r.noisy for r in records)
+    source = (
+        context.latency_source if context.latency_source == "measured" else f"{context.latency_source} (NOT measured)"
+    )
+    lines = [
+        f"{context.name}: {len(records)} finished / {requested if requested is not None else '?'} requested trials; "
+        f"budget {context.settings.get('budget')} = {context.budget_ms():.2f} ms; unpruned reference "
+        f"{context.reference_ms:.2f} ms at batch {context.settings.get('batch_size')}; latency {source}"
+        + (f"; {noisy} trials stayed noisy (a loaded machine)" if noisy else "")
+    ]
+    feasible = [r for r in records if r.feasible]
+    best = min(feasible, key=lambda r: (-r.accuracy, r.latency_ms, r.number)) if feasible else None
+    lines.append(
+        f"  best that meets the budget (measured): trial {best.number}, accuracy {best.accuracy:.4f} at "
+        f"{best.latency_ms:.2f} ms: {best.summary}"
+        if best
+        else "  best that meets the budget (measured): none"
+    )
+    final = context.study.user_attrs.get(ATTR_FINAL) or {}
+    if final.get("chosen_trial") is not None:
+        lines.append(
+            f"  exported: trial {final['chosen_trial']} for {final.get('budget')}: {final['latency_ms']:.2f} ms "
+            f"measured again (limit {final['limit_ms']:.2f} ms), held-out accuracy "
+            f"{final.get('accuracy_holdout', 0.0):.4f}"
+        )
+    elif final:
+        lines.append(f"  exported: nothing; no schedule met {final.get('budget')} when measured again")
+    else:
+        lines.append("  exported: not yet (tuner export)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------------ apply
@@ -519,7 +466,8 @@ def apply_command(
     """
     import torch
 
-    from evaluators import LatencyMeter, parse_budget
+    from evaluators import LatencyMeter, MeasuredLatency, budget_verdict, parse_budget
+    from evaluators.latency import BUDGET_RULE
     from evaluators.loading import resolve_device
     from tuner.evoprune import Schedule, apply
     from tuner.study import resolve_device_name, tune_allocator
@@ -534,21 +482,23 @@ def apply_command(
     target = resolve_device(resolve_device_name(device))
     console = _console()
     with _quiet_libraries():
-        network, pixel_values, source = _model_and_inputs(model_name, image, size, target)
+        network, pixel_values, source_text = _model_and_inputs(model_name, image, size, target)
         call = _forward_call(network, pixel_values)
         with apply(network, loaded) as handle, torch.inference_mode():
             call()
             counts = list(handle.token_counts)
-        meter = LatencyMeter(target, repeats=repeats, warmup=3)
+            reductions = handle.ctr_reductions
+        source = MeasuredLatency(LatencyMeter(target, warmup=3))
 
         def pruned_call() -> None:
             with apply(network, loaded):
                 call()
 
-        before, after = meter.measure_interleaved([call, pruned_call])
+        paired = source.paired(call, pruned_call, loaded, rounds=repeats)
+        environment = source.environment()
 
     console.print(
-        f"schedule: {loaded.describe()}\nmodel: {model_name or 'the demo model'}; inputs: {source}, batch {size}"
+        f"schedule: {loaded.describe()}\nmodel: {model_name or 'the demo model'}; inputs: {source_text}, batch {size}"
     )
     table = Table()
     for header in ("layer", "tokens in", "merged", "tokens out"):
@@ -558,20 +508,25 @@ def apply_command(
         table.add_row(str(layer), str(tokens), str(remove) if remove else "", str(out))
         tokens = out
     console.print(table)
+    reduced = {layer: items for layer, items in reductions.items() if items}
+    if reduced:
+        listed = ", ".join(f"layer {layer}: {items} of {size} items" for layer, items in reduced.items())
+        console.print(
+            f"CTR protection reduced below the method's share so that a layer removes exactly its r tokens: {listed}"
+        )
+    elif loaded.scoring.ctr > 0:
+        console.print("CTR protection: as specified in every merging layer")
+    before, after = paired.baseline_median_ms, paired.candidate_median_ms
     console.print(
-        f"latency before: {before.median_ms:.2f} ms (p90 {before.p90_ms:.2f}), after: {after.median_ms:.2f} ms "
-        f"(p90 {after.p90_ms:.2f}), {before.median_ms / after.median_ms:.2f}x; median of {repeats} interleaved runs "
-        f"on {meter.device_name()} ({meter.environment()['threads']} threads)"
+        f"latency before: {before:.2f} ms, after: {after:.2f} ms, {1 / paired.ratio:.2f}x (median ratio "
+        f"{paired.ratio:.3f} over {len(paired.ratios)} interleaved rounds{', noisy' if paired.noisy else ''}) on "
+        f"{environment['device_name']} ({environment['threads']} threads)"
     )
     budget_text = metrics.get("budget")
     if isinstance(budget_text, str):
-        limit = parse_budget(budget_text).limit_ms(before.median_ms)
-        met = after.median_ms <= limit
-        console.print(
-            f"budget {budget_text}: {'met' if met else 'NOT met'} ({after.median_ms:.2f} ms "
-            f"{'<=' if met else '>'} {limit:.2f} ms)"
-        )
-        if not met:
+        verdict = budget_verdict(paired, parse_budget(budget_text), before)
+        console.print(f"budget {budget_text}: {verdict.describe()}; rule: {BUDGET_RULE} (reference: before)")
+        if not verdict.met:
             raise typer.Exit(EXIT_NO_FEASIBLE)
 
 

@@ -1,21 +1,20 @@
 """Choosing the schedule to export from a study, validating it, and writing it as schedule JSON.
 
-The feasible Pareto front (accuracy on the calibration subset vs predicted latency, within the budget) is ordered by
-preference (``accurate``: most accurate on the calibration subset, then faster, then the lower trial number; ``fast``:
-fastest, then more accurate) and scored on the held-out slice, which the choice never looks at: it stays an honest
-check of what the search picked. The first schedule whose latency, re-measured interleaved with the unpruned model,
-meets the budget is chosen. When none does, the closest schedule (smallest excess) is reported and nothing is
-written.
+The feasible Pareto front (accuracy on the calibration subset vs *measured* latency, among trials that meet the
+budget by the budget rule) is ordered by preference (``accurate``: most accurate on the calibration subset, then
+faster, then the lower trial number; ``fast``: fastest, then more accurate) and scored on the held-out slice, which the
+choice never looks at: it stays an honest check of what the search picked. Each finalist is measured again,
+interleaved with the unpruned model, and the first that meets the budget by the same rule
+(:func:`evaluators.latency.budget_verdict`) is chosen. When none does, the closest (smallest excess) is reported and
+nothing is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ import optuna
 import torch
 import transformers
 
-from evaluators import Budget, Evaluator, LatencyMeter, LatencyResult
+from evaluators import Budget, BudgetVerdict, Evaluator, LatencySource, PairedLatency, budget_verdict
+from evaluators.latency import BASELINE_DRIFT, BUDGET_RULE
 from tuner import __version__
 from tuner.evoprune import Schedule, apply
 from tuner.study import (
@@ -33,14 +33,15 @@ from tuner.study import (
     ATTR_HOLDOUT_PREFIX,
     StudyContext,
     TrialRecord,
+    measure_schedule,
     public_url,
     trial_records,
+    unpruned_schedule,
 )
 
 __all__ = [
     "MAX_FINALISTS",
     "Finalist",
-    "median_upper_bound",
     "Prefer",
     "Selection",
     "exported_schedule",
@@ -55,24 +56,21 @@ MAX_FINALISTS = 12
 """Front schedules scored on the held-out slice, in preference order (the first one that re-measures within the
 budget is exported)."""
 
-_TOLERANCE_MS = 1e-9
-
 
 def pareto_front(records: list[TrialRecord], limit_ms: float | None = None) -> list[TrialRecord]:
-    """Non-dominated records (maximise accuracy, minimise predicted latency), among those within ``limit_ms``.
+    """Non-dominated records (maximise accuracy, minimise measured latency), among those that meet ``limit_ms``.
 
-    For the study's own budget this is Optuna's ``study.best_trials``; it also serves other budgets (``export
-    --budget``), where the stored constraint does not apply. Within a latency limit, the feasible front is the
-    unconstrained front cut at the limit (a schedule that dominates a feasible one is feasible too).
+    For the study's own budget this is Optuna's ``study.best_trials`` (the stored constraint is the same rule); it
+    also serves other budgets (``export --budget``), where the stored constraint does not apply.
 
     Args:
         records: finished trials.
-        limit_ms: keep only records with predicted latency at most this; None keeps all.
+        limit_ms: keep only records that meet this limit by the budget rule; None keeps all.
 
     Returns:
         The front, ordered by latency then trial number.
     """
-    pool = [r for r in records if limit_ms is None or r.latency_ms <= limit_ms + _TOLERANCE_MS]
+    pool = [r for r in records if limit_ms is None or r.meets(limit_ms)]
     front = [
         r
         for r in pool
@@ -86,58 +84,35 @@ def pareto_front(records: list[TrialRecord], limit_ms: float | None = None) -> l
     return sorted(front, key=lambda r: (r.latency_ms, r.number))
 
 
-def median_upper_bound(samples_ms: list[float]) -> float:
-    """The median plus two standard errors of the median (robust: the spread from the median absolute deviation).
-
-    A schedule is only exported when this bound is within the budget, so that measuring it again (``tuner apply``)
-    finds its median within the budget too, not just half of the time.
-
-    Example:
-        >>> round(median_upper_bound([10.0, 10.2, 9.8, 10.1, 9.9]), 3)
-        10.166
-    """
-    ordered = sorted(samples_ms)
-    median = statistics.median(ordered)
-    if len(ordered) < 2:
-        return median
-    mad = statistics.median(abs(sample - median) for sample in ordered)
-    sigma = 1.4826 * mad
-    return median + 2.0 * 1.2533 * sigma / math.sqrt(len(ordered))
-
-
 @dataclass
 class Finalist:
-    """A front schedule scored on the held-out slice, and possibly re-measured.
+    """A front schedule scored on the held-out slice, and possibly measured again.
 
     Attributes:
         record: its trial.
         schedule: its schedule.
         accuracy_holdout: accuracy on the held-out slice.
-        measured: the re-measured latency (interleaved with the unpruned model), once measured.
-        baseline: the unpruned latency measured in the same interleaved run.
-        limit_ms: the budget in ms against that baseline.
+        paired: the re-measurement (interleaved with the unpruned model), once taken.
+        verdict: the budget rule on that re-measurement.
     """
 
     record: TrialRecord
     schedule: Schedule
     accuracy_holdout: float
-    measured: LatencyResult | None = None
-    baseline: LatencyResult | None = None
-    limit_ms: float | None = None
+    paired: PairedLatency | None = None
+    verdict: BudgetVerdict | None = None
 
     @property
     def meets_budget(self) -> bool:
-        """Whether the re-measured median is within the budget with confidence (see :func:`median_upper_bound`)."""
-        if self.measured is None or self.limit_ms is None:
-            return False
-        return median_upper_bound(self.measured.samples_ms) <= self.limit_ms
+        """Whether the re-measurement meets the budget by the budget rule."""
+        return self.verdict is not None and self.verdict.met
 
     @property
     def excess_ms(self) -> float:
-        """Measured median minus the limit (or predicted minus the budget when not re-measured)."""
-        if self.measured is not None and self.limit_ms is not None:
-            return self.measured.median_ms - self.limit_ms
-        return float("inf")
+        """The re-measured bound minus the limit (infinite when not re-measured)."""
+        if self.verdict is None:
+            return float("inf")
+        return self.verdict.upper_ms - self.verdict.limit_ms
 
 
 @dataclass
@@ -146,16 +121,16 @@ class Selection:
 
     Attributes:
         budget: the budget chosen against.
-        budget_ms: its limit in ms against the study's calibrated unpruned latency (the search's basis).
+        budget_ms: its limit in ms against the study's reference unpruned latency.
         prefer: ``accurate`` or ``fast``.
         records: every finished trial.
-        front: the feasible Pareto front (predicted latency).
+        front: the feasible Pareto front (measured latency, budget rule).
         finalists: front schedules scored on the held-out slice, in preference order.
         chosen: the exported schedule, or None when no schedule meets the budget.
-        closest: when none does: the finalist with the smallest measured excess, or the trial with the smallest
-            predicted excess when nothing was predicted feasible.
+        closest: when none does: the finalist with the smallest re-measured excess, or the trial with the smallest
+            measured excess when no trial met the budget.
         accuracy_holdout_unpruned: the unpruned model on the held-out slice.
-        notes: what happened on the way (a first choice failing its re-measurement, ...).
+        notes: what happened on the way (a first choice failing its re-measurement, a loaded machine, ...).
     """
 
     budget: Budget
@@ -188,27 +163,14 @@ def _holdout(context: StudyContext, evaluator: Evaluator, schedule: Schedule) ->
     return accuracy
 
 
-def _remeasure(evaluator: Evaluator, meter: LatencyMeter, schedule: Schedule) -> tuple[LatencyResult, LatencyResult]:
-    """``(baseline, candidate)``: the unpruned model and the schedule timed round-robin."""
-    native_call = evaluator.latency_call()
-    model = evaluator.model
-
-    def candidate_call() -> None:
-        # Applying and removing is a few attribute writes, microseconds against a forward of milliseconds.
-        with apply(model, schedule):
-            native_call()
-
-    baseline, candidate = meter.measure_interleaved([native_call, candidate_call])
-    return baseline, candidate
-
-
 def select_schedule(
     context: StudyContext,
     evaluator: Evaluator,
-    meter: LatencyMeter,
+    source: LatencySource,
     *,
     budget: Budget | None = None,
     prefer: Prefer = "accurate",
+    rounds: int = 20,
     note: Callable[[str], None] = lambda message: None,
 ) -> Selection:
     """Choose the schedule to export (see the module docstring), storing held-out scores and the outcome in the study.
@@ -216,9 +178,10 @@ def select_schedule(
     Args:
         context: the study.
         evaluator: its evaluator (rebuilt with the study's arguments); no schedule applied.
-        meter: measures the re-measurements (use many repeats).
+        source: the study's latency source (measures the finalists again).
         budget: the budget to choose against; None for the study's.
         prefer: ``accurate`` or ``fast``.
+        rounds: interleaved rounds of each re-measurement.
         note: receives progress lines.
 
     Returns:
@@ -233,13 +196,11 @@ def select_schedule(
         selection.notes.append("the study has no finished trial")
         return selection
     if not front:
-        selection.closest = min(records, key=lambda r: (r.latency_ms - budget_ms, -r.accuracy, r.number))
-        selection.notes.append(f"no trial's predicted latency is within the budget {budget} ({budget_ms:.2f} ms)")
+        selection.closest = min(records, key=lambda r: (r.upper_ms - budget_ms, -r.accuracy, r.number))
+        selection.notes.append(f"no trial's measured latency meets the budget {budget} ({budget_ms:.2f} ms)")
         _store_outcome(context, selection)
         return selection
 
-    shape = context.shape
-    unpruned = Schedule.none(shape.num_layers, shape.tokens_in, family=shape.family, has_cls=shape.has_cls)
     seen: set[str] = set()
     candidates = []
     for record in _preference_order(front, prefer):
@@ -248,45 +209,63 @@ def select_schedule(
             candidates.append(record)
     candidates = candidates[:MAX_FINALISTS]
     note(f"scoring {len(candidates)} Pareto-optimal schedules and the unpruned model on the held-out slice")
-    selection.accuracy_holdout_unpruned = _holdout(context, evaluator, unpruned)
-    finalists = []
-    for record in candidates:
-        schedule = context.schedule_of(record.trial)
-        finalists.append(Finalist(record, schedule, _holdout(context, evaluator, schedule)))
-    selection.finalists = finalists
+    selection.accuracy_holdout_unpruned = _holdout(context, evaluator, unpruned_schedule(context.shape))
+    selection.finalists = [
+        Finalist(record, schedule, _holdout(context, evaluator, schedule))
+        for record in candidates
+        for schedule in [context.schedule_of(record.trial)]
+    ]
 
+    reference = context.reference_ms
     for finalist in selection.finalists:
-        note(f"re-measuring trial {finalist.record.number} interleaved with the unpruned model")
-        finalist.baseline, finalist.measured = _remeasure(evaluator, meter, finalist.schedule)
-        finalist.limit_ms = budget.limit_ms(finalist.baseline.median_ms)
+        note(f"measuring trial {finalist.record.number} again, interleaved with the unpruned model")
+        finalist.paired = measure_schedule(evaluator, source, finalist.schedule, rounds, reference)
+        finalist.verdict = budget_verdict(finalist.paired, budget, reference)
+        drift = finalist.paired.baseline_median_ms / reference - 1.0
+        if abs(drift) > BASELINE_DRIFT:
+            selection.notes.append(
+                f"the unpruned model measured {finalist.paired.baseline_median_ms:.2f} ms beside trial "
+                f"{finalist.record.number}, {drift:+.0%} off the study's reference {reference:.2f} ms: the machine is "
+                "loaded or not the one the study was made on; verdicts use the ratio to the unpruned model measured "
+                "in the same rounds"
+            )
         if finalist.meets_budget:
             selection.chosen = finalist
             break
         selection.notes.append(
-            f"trial {finalist.record.number} re-measured {finalist.measured.median_ms:.2f} ms (upper bound "
-            f"{median_upper_bound(finalist.measured.samples_ms):.2f} ms), not safely within the budget "
-            f"{finalist.limit_ms:.2f} ms; taking the next schedule"
+            f"trial {finalist.record.number} measured again: {finalist.verdict.describe()}; taking the next schedule"
         )
     if selection.chosen is None:
-        measured = [f for f in selection.finalists if f.measured is not None]
-        selection.closest = min(measured, key=lambda f: (f.excess_ms, f.record.number))
-        selection.notes.append("no Pareto-optimal schedule met the budget when re-measured")
+        selection.closest = min(selection.finalists, key=lambda f: (f.excess_ms, f.record.number))
+        selection.notes.append("no Pareto-optimal schedule met the budget when measured again")
     _store_outcome(context, selection)
     return selection
 
 
 def _store_outcome(context: StudyContext, selection: Selection) -> None:
     chosen = selection.chosen
+    verdict = chosen.verdict if chosen else None
     context.study.set_user_attr(
         ATTR_FINAL,
         {
             "budget": str(selection.budget),
             "prefer": selection.prefer,
             "chosen_trial": chosen.record.number if chosen else None,
-            "measured_ms": chosen.measured.median_ms if chosen and chosen.measured else None,
-            "baseline_ms": chosen.baseline.median_ms if chosen and chosen.baseline else None,
+            "latency_ms": verdict.latency_ms if verdict else None,
+            "latency_upper_ms": verdict.upper_ms if verdict else None,
+            "limit_ms": verdict.limit_ms if verdict else None,
+            "baseline_ms": chosen.paired.baseline_median_ms if chosen and chosen.paired else None,
+            "accuracy_calib": chosen.record.accuracy if chosen else None,
             "accuracy_holdout": chosen.accuracy_holdout if chosen else None,
-            "finalists": [f.record.number for f in selection.finalists],
+            "accuracy_holdout_unpruned": selection.accuracy_holdout_unpruned,
+            "finalists": {
+                str(f.record.number): {
+                    "accuracy_holdout": f.accuracy_holdout,
+                    "latency_ms": f.verdict.latency_ms if f.verdict else None,
+                    "met": f.meets_budget if f.verdict else None,
+                }
+                for f in selection.finalists
+            },
             "at": _now(),
         },
     )
@@ -296,19 +275,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _latency_summary(result: LatencyResult) -> dict[str, Any]:
-    return {
-        "median": result.median_ms,
-        "median_upper_bound": median_upper_bound(result.samples_ms),
-        "p90": result.p90_ms,
-        "spread_ms": result.p90_ms - result.median_ms,
-        "samples": len(result.samples_ms),
-        "samples_ms": [round(sample, 4) for sample in result.samples_ms],
-    }
-
-
 def exported_schedule(
-    selection: Selection, context: StudyContext, evaluator: Evaluator, meter: LatencyMeter
+    selection: Selection, context: StudyContext, evaluator: Evaluator, source: LatencySource
 ) -> Schedule:
     """The chosen schedule with its metrics and provenance (the ``best.json`` document).
 
@@ -318,10 +286,9 @@ def exported_schedule(
         ValueError: nothing was chosen.
     """
     chosen = selection.chosen
-    if chosen is None or chosen.measured is None or chosen.baseline is None or chosen.limit_ms is None:
+    if chosen is None or chosen.paired is None or chosen.verdict is None:
         raise ValueError("no schedule was chosen")
-    record, schedule = chosen.record, chosen.schedule
-    latency_model = context.latency_model
+    record, schedule, paired, verdict = chosen.record, chosen.schedule, chosen.paired, chosen.verdict
     unpruned_holdout = selection.accuracy_holdout_unpruned
     metrics: dict[str, Any] = {
         "accuracy_calib": record.accuracy,
@@ -329,26 +296,27 @@ def exported_schedule(
         "accuracy_calib_unpruned": context.baseline.get("accuracy_calib"),
         "accuracy_holdout_unpruned": unpruned_holdout,
         "accuracy_holdout_kept": (chosen.accuracy_holdout / unpruned_holdout) if unpruned_holdout else None,
-        "latency_ms_predicted": record.latency_ms,
-        "latency_ms_measured": _latency_summary(chosen.measured),
-        "baseline_ms": chosen.baseline.median_ms,
-        "baseline_latency_ms_measured": _latency_summary(chosen.baseline),
-        "speedup_measured": chosen.baseline.median_ms / chosen.measured.median_ms,
-        "speedup_predicted": latency_model.predict_speedup(schedule),
-        "flops_speedup": schedule.predicted_speedup(latency_model.hidden_size, latency_model.intermediate_size),
+        "latency_source": context.latency_source,
+        "latency_ms": verdict.latency_ms,
+        "latency_upper_ms": verdict.upper_ms,
+        "latency_ms_search": record.latency_ms,
+        "latency_measured": paired.to_dict(context.reference_ms),
+        "baseline_ms": context.reference_ms,
+        "speedup_measured": 1.0 / paired.ratio,
+        "flops_speedup_predicted": _flops_speedup(evaluator, schedule),
         "tokens_out": schedule.tokens_out,
         "budget": str(selection.budget),
-        "budget_ms": chosen.limit_ms,
-        "budget_ms_search": selection.budget_ms,
-        "feasible": chosen.meets_budget,
-        "budget_check": "re-measured median + 2 standard errors <= budget_ms",
+        "budget_ms": verdict.limit_ms,
+        "feasible": verdict.met,
+        "budget_rule": BUDGET_RULE,
         "latency_scope": (
             f"one forward of the {context.meta['evaluator']} evaluator's timed call (vision path) at batch size "
-            f"{evaluator.batch_size}, median of {chosen.measured.repeats} runs interleaved with the unpruned model"
+            f"{evaluator.batch_size}; {len(paired.ratios)} rounds interleaved with the unpruned model; latency_ms = "
+            f"median ratio x the study's reference unpruned latency {context.reference_ms:.2f} ms"
         ),
     }
     proposed_by = dict(record.evaluation.get("proposed_by") or {})
-    environment = meter.environment()
+    environment = source.environment()
     provenance: dict[str, Any] = {
         "tool": "tuner",
         "tool_version": __version__,
@@ -365,10 +333,11 @@ def exported_schedule(
         "evaluator": context.meta["evaluator"],
         "evaluator_settings": evaluator.settings(),
         "device": str(evaluator.device),
-        "device_name": environment["device_name"],
+        "device_name": environment.get("device_name", environment["source"]),
         "dtype": context.settings.get("dtype"),
         "batch_size": evaluator.batch_size,
-        "threads": environment["threads"],
+        "threads": environment.get("threads"),
+        "workload": context.meta.get("workload"),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -376,7 +345,7 @@ def exported_schedule(
             "optuna": optuna.__version__,
             "tuner": __version__,
         },
-        "latency_model": context.latency_model.to_dict(),
+        "latency_environment": environment,
         "selection": {
             "finalists": [f.record.number for f in selection.finalists],
             "notes": list(selection.notes),
@@ -384,6 +353,14 @@ def exported_schedule(
         "timestamps": {"exported": _now(), "study_created": context.meta.get("created")},
     }
     return dataclasses.replace(schedule, metrics=metrics, provenance=provenance)
+
+
+def _flops_speedup(evaluator: Evaluator, schedule: Schedule) -> float:
+    """The encoder FLOP ratio native / pruned (a prediction, labelled so in the metrics)."""
+    from tuner.evoprune.adapters import resolve_encoder
+
+    encoder = resolve_encoder(evaluator.model)
+    return schedule.predicted_speedup(encoder.hidden_size, encoder.intermediate_size)
 
 
 def write_export(schedule: Schedule, path: str | Path) -> Path:

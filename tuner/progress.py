@@ -29,7 +29,7 @@ class RunProgress:
         recent: trials kept in the live table.
     """
 
-    def __init__(self, console: Console | None = None, live: bool | None = None, recent: int = 12) -> None:
+    def __init__(self, console: Console | None = None, live: bool | None = None, recent: int = 6) -> None:
         self.console = console or Console()
         self.use_live = self.console.is_terminal if live is None else live
         self.rows: deque[TrialOutcome] = deque(maxlen=recent)
@@ -38,6 +38,7 @@ class RunProgress:
         self.done = 0
         self.started = 0.0
         self.session_trials = 0
+        self.noisy = 0
         self._live: Live | None = None
 
     # ----------------------------------------------------------------------------------------------------- phases
@@ -64,6 +65,14 @@ class RunProgress:
         """A trial finished."""
         self.done += 1
         self.session_trials += 1
+        if outcome.noisy:
+            self.noisy += 1
+            if self.noisy == 1 or self.noisy % 10 == 0:
+                self.note(
+                    f"trial {outcome.number}: its latency stayed noisy after re-measuring ({self.noisy} such trials so "
+                    "far): the machine looks loaded; each latency is a ratio to the unpruned model timed beside it, "
+                    "but keep other jobs off the cores"
+                )
         if outcome.feasible:
             self._offer_best(outcome.number, outcome.accuracy, outcome.latency_ms)
         self.rows.append(outcome)
@@ -89,13 +98,13 @@ class RunProgress:
         return f"best feasible: trial {number}, accuracy {accuracy:.4f} at {latency:.2f} ms"
 
     def _line(self, outcome: TrialOutcome) -> str:
-        measured = f"{outcome.measured_ms:7.2f}" if outcome.measured_ms is not None else "  reuse"
         status = "feasible" if outcome.feasible else "over budget"
         origin = f" [{outcome.seed_point}]" if outcome.seed_point else ""
         duplicate = f" (= trial {outcome.duplicate_of})" if outcome.duplicate_of is not None else ""
+        noisy = " noisy" if outcome.noisy else ""
         return (
             f"trial {outcome.number:4d} {self.done}/{self.total}  acc {outcome.accuracy:.4f}  "
-            f"pred {outcome.latency_ms:7.2f} ms  meas {measured} ms  {status:11s}  {outcome.summary}"
+            f"{outcome.latency_ms:7.2f} ms measured{noisy}  {status:11s}  {outcome.summary}"
             f"{duplicate}{origin}  | {self._best_text()}"
         )
 
@@ -106,20 +115,18 @@ class RunProgress:
             ("schedule", "left"),
             ("tokens", "right"),
             ("accuracy", "right"),
-            ("pred ms", "right"),
-            ("meas ms", "right"),
+            ("ms (measured)", "right"),
             ("budget", "left"),
         ):
             table.add_column(header, justify=justify)  # type: ignore[arg-type]
         for row in self.rows:
-            measured = f"{row.measured_ms:.2f}" if row.measured_ms is not None else f"= {row.duplicate_of}"
+            reused = f" (= {row.duplicate_of})" if row.duplicate_of is not None else ""
             table.add_row(
                 str(row.number),
                 row.summary if not row.seed_point else f"{row.summary} [dim]({row.seed_point})[/dim]",
                 str(row.tokens_out),
                 f"{row.accuracy:.4f}",
-                f"{row.latency_ms:.2f}",
-                measured,
+                f"{row.latency_ms:.2f}{reused}{' ~' if row.noisy else ''}",
                 "[green]ok[/green]" if row.feasible else "[red]over[/red]",
             )
         elapsed = time.perf_counter() - self.started
@@ -134,18 +141,29 @@ class RunProgress:
 
 def selection_table(selection: Selection) -> Table:
     """The Pareto table printed at the end: front schedules with held-out accuracy and re-measured latency."""
-    table = Table(title=f"Pareto-optimal schedules within {selection.budget} ({selection.budget_ms:.2f} ms predicted)")
-    for header in ("trial", "schedule", "tokens", "acc calib", "acc holdout", "pred ms", "re-measured ms", "status"):
+    table = Table(
+        title=f"Pareto-optimal schedules that meet {selection.budget} ({selection.budget_ms:.2f} ms), measured again"
+    )
+    for header in (
+        "trial",
+        "schedule",
+        "tokens",
+        "acc calib",
+        "acc holdout",
+        "search ms",
+        "again ms / limit",
+        "status",
+    ):
         table.add_column(header, justify="left" if header in ("schedule", "status") else "right")
     chosen = selection.chosen.record.number if selection.chosen else None
     for finalist in selection.finalists:
-        record = finalist.record
-        if finalist.measured is not None and finalist.limit_ms is not None:
-            measured = f"{finalist.measured.median_ms:.2f} / {finalist.limit_ms:.2f}"
+        record, verdict = finalist.record, finalist.verdict
+        if verdict is not None:
+            measured = f"{verdict.latency_ms:.2f} (<= {verdict.upper_ms:.2f}) / {verdict.limit_ms:.2f}"
             status = (
                 "[bold green]chosen[/bold green]"
                 if record.number == chosen
-                else ("ok" if finalist.meets_budget else "[red]over when re-measured[/red]")
+                else ("meets" if verdict.met else "[red]over when measured again[/red]")
             )
         else:
             measured, status = "-", ""

@@ -4,12 +4,13 @@ Optuna does the searching (its samplers), the storing (``RDBStorage``, any SQLAl
 loaded by name, trial numbers continue), the feasibility bookkeeping (``trial.set_constraint``, ``study.best_trials``)
 and the clean-up of dead workers (heartbeats, ``RetryHeartbeatStaleTrialCallback``). This module adds the tuner's own:
 
-- a study's *identity* (evaluator settings, budget, space, device, dtype, batch size, sizes), stored as a user attr
-  and compared on resume;
-- a deterministic :class:`~evaluators.latency.LatencyModel`, calibrated once per study (and cached per machine) so the
-  sampler sees the same latency values for the same schedule; the real latency is measured too, for the record;
+- a study's *identity* (evaluator settings, budget, space, device, dtype, batch size, latency source), stored as a
+  user attr and compared on resume;
+- a *reference* unpruned latency, measured once when the study is created (after the workload was sized to the
+  machine, for a demo budget in ms);
 - the trial objective: space -> schedule -> accuracy on the calibration subset (cached by schedule fingerprint) and
-  predicted latency, with ``latency_ms - budget_ms <= 0`` as the constraint;
+  *measured* latency: the schedule timed in rounds interleaved with the unpruned model, ``latency_ms`` = median
+  per-round ratio x reference; the constraint is the budget rule of :func:`evaluators.latency.budget_verdict`;
 - seed trials (no pruning, the paper's Skip default) enqueued when a study is new.
 """
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import hashlib
-import json
 import os
 import re
 import signal
@@ -41,12 +40,14 @@ from evaluators import (
     Budget,
     Evaluator,
     LatencyMeter,
-    LatencyModel,
-    calibrate_latency_model,
+    LatencySource,
+    MeasuredLatency,
+    PairedLatency,
+    SyntheticLatency,
     get_evaluator,
     parse_budget,
 )
-from evaluators.loading import resolve_device
+from evaluators.latency import WorkloadChoice, choose_batch_size, synthetic_model
 from search_spaces import EncoderShape, SearchSpace, get_space
 from tuner import __version__
 from tuner.evoprune import Schedule, apply
@@ -75,6 +76,12 @@ __all__ = [
     "stop_on_interrupt",
     "trial_records",
     "tune_allocator",
+    "LATENCY_SOURCES",
+    "latency_source_for",
+    "measure_schedule",
+    "pruned_call",
+    "size_workload",
+    "unpruned_schedule",
 ]
 
 DEFAULT_STORAGE = "sqlite:///studies/tuner.db"
@@ -83,7 +90,12 @@ DEFAULT_STORAGE = "sqlite:///studies/tuner.db"
 DIRECTIONS = ("maximize", "minimize")
 METRIC_NAMES = ("accuracy", "latency_ms")
 CONSTRAINT_KEY = "latency_over_budget_ms"
-"""The trial constraint: predicted latency minus the budget in ms (<= 0 is feasible)."""
+"""The trial constraint: the measured latency's bound (median ratio + 2 standard errors, times the reference) minus
+the budget in ms; <= 0 is feasible (the rule of :func:`evaluators.latency.budget_verdict`)."""
+
+LATENCY_SOURCES = ("measured", "synthetic")
+"""``--latency-source`` values: real timings (the default), or a deterministic model made for tests (never a
+measurement)."""
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 """Sampler names ``--sampler`` accepts (TPE is the default)."""
@@ -95,7 +107,7 @@ GRACE_S = 60
 # Study user attrs.
 ATTR_SETTINGS = "tuner.settings"
 ATTR_META = "tuner.meta"
-ATTR_LATENCY_MODEL = "tuner.latency_model"
+ATTR_REQUESTED = "tuner.requested_trials"
 ATTR_BASELINE = "tuner.baseline"
 ATTR_FINAL = "tuner.final"
 ATTR_HOLDOUT_PREFIX = "tuner.holdout."
@@ -241,7 +253,12 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
         elif not create:
             raise StorageError(f"storage {url} does not exist; run `tuner run` first or check --storage")
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StorageError(
+                    f"cannot create the folder of storage {url}: {error.strerror or error}; give a writable path"
+                ) from None
     elif "://" not in url:
         raise StorageError(f"invalid --storage {url!r}: give a database URL such as {DEFAULT_STORAGE}")
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if path is not None else None
@@ -385,10 +402,10 @@ class RunOptions:
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto``, ``fp32``, ``fp16`` or ``bf16``.
         space: search space name.
-        repeats: timed runs per latency measurement of a trial.
-        final_repeats: timed runs of the final interleaved re-measurements and of the calibration.
-        recalibrate: measure the latency model afresh instead of reusing this machine's cached calibration.
-        cache_dir: folder of the per-machine calibration cache.
+        repeats: interleaved rounds (schedule + unpruned model) of a trial's latency measurement.
+        final_repeats: rounds of the reference measurement and of the export's re-measurements.
+        latency_source: ``measured`` (real timings) or ``synthetic`` (deterministic, for tests; never a measurement).
+        prefer: which feasible Pareto-optimal schedule the export takes: ``accurate`` or ``fast``.
     """
 
     budget: str
@@ -407,10 +424,10 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     space: str = "family"
-    repeats: int = 20
+    repeats: int = 8
     final_repeats: int = 20
-    recalibrate: bool = False
-    cache_dir: Path | None = None
+    latency_source: str = "measured"
+    prefer: str = "accurate"
 
     @property
     def evaluator_name(self) -> str:
@@ -443,16 +460,14 @@ class StudyContext:
         study: the Optuna study.
         storage_url: where it lives.
         settings: the identity (compared on resume).
-        meta: encoder shape, evaluator name and arguments, space, tool version, creation time.
-        latency_model: the calibrated latency model.
-        baseline: unpruned accuracy and latency measured at creation.
+        meta: encoder shape, evaluator name and arguments, space, workload, tool version, creation time.
+        baseline: unpruned accuracy and the reference latency (``latency_ms``, with its samples) measured at creation.
     """
 
     study: optuna.Study
     storage_url: str
     settings: dict[str, Any]
     meta: dict[str, Any]
-    latency_model: LatencyModel
     baseline: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -468,9 +483,9 @@ class StudyContext:
                 f"study {study.study_name!r} in {public_url(storage_url)} was not made by `tuner run`; "
                 "give a tuner study (see `tuner studies`)"
             )
-        if ATTR_LATENCY_MODEL not in attrs:
+        if ATTR_BASELINE not in attrs:
             raise TunerError(
-                f"study {study.study_name!r} has no latency calibration yet (its first run was interrupted); "
+                f"study {study.study_name!r} has no reference latency yet (its first run was interrupted); "
                 "run `tuner run` with the same settings to finish it"
             )
         return cls(
@@ -478,8 +493,7 @@ class StudyContext:
             storage_url=storage_url,
             settings=dict(attrs[ATTR_SETTINGS]),
             meta=dict(attrs[ATTR_META]),
-            latency_model=LatencyModel.from_dict(attrs[ATTR_LATENCY_MODEL]),
-            baseline=dict(attrs.get(ATTR_BASELINE, {})),
+            baseline=dict(attrs[ATTR_BASELINE]),
         )
 
     @property
@@ -499,9 +513,25 @@ class StudyContext:
     def budget(self) -> Budget:
         return parse_budget(self.settings["budget"])
 
+    @property
+    def reference_ms(self) -> float:
+        """The unpruned latency measured when the study was created: trial latencies are ratios times this."""
+        return float(self.baseline["latency_ms"])
+
+    @property
+    def latency_source(self) -> str:
+        """``measured``, or ``synthetic`` for a deterministic study made for tests."""
+        return str(self.settings.get("latency_source", "measured"))
+
+    @property
+    def requested_trials(self) -> int | None:
+        """``--trials`` of the latest run (finished trials it asked the study to hold)."""
+        value = self.study.user_attrs.get(ATTR_REQUESTED)
+        return int(value) if value is not None else None
+
     def budget_ms(self, budget: Budget | None = None) -> float:
-        """The limit in ms of ``budget`` (default: the study's) against the calibrated unpruned latency."""
-        return (budget or self.budget).limit_ms(self.latency_model.baseline_ms)
+        """The limit in ms of ``budget`` (default: the study's) against the reference unpruned latency."""
+        return (budget or self.budget).limit_ms(self.reference_ms)
 
     def schedule_of(self, trial: FrozenTrial) -> Schedule:
         """The schedule a trial's parameters stand for (the space's deterministic map)."""
@@ -521,7 +551,8 @@ def evaluator_from_context(context: StudyContext) -> Evaluator:
     """
     meta = context.meta
     build: Callable[..., Evaluator] = get_evaluator(meta["evaluator"])
-    return build(**meta["evaluator_args"], seed=0)
+    arguments = {**meta["evaluator_args"], "batch_size": context.settings["batch_size"]}
+    return build(**arguments, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------- records
@@ -534,9 +565,9 @@ class TrialRecord:
     Attributes:
         trial: the Optuna trial.
         accuracy: accuracy on the calibration subset (objective 0).
-        latency_ms: predicted latency (objective 1).
-        feasible: whether the stored constraint holds (predicted latency within the study's budget).
-        evaluation: the trial's ``evaluation`` user attr (measured latency, fingerprint, ...).
+        latency_ms: measured latency (objective 1): median ratio to the unpruned model x the study's reference.
+        feasible: whether the stored constraint holds (the budget rule on the measured latency).
+        evaluation: the trial's ``evaluation`` user attr (samples, ratio, bound, fingerprint, ...).
         summary: the schedule's one-line description.
     """
 
@@ -552,9 +583,24 @@ class TrialRecord:
         return self.trial.number
 
     @property
-    def measured_ms(self) -> float | None:
-        value = self.evaluation.get("latency_ms_measured")
-        return float(value) if value is not None else None
+    def latency(self) -> dict[str, Any]:
+        """The paired measurement's record (:meth:`PairedLatency.to_dict`): ratio, bound, samples, noise."""
+        found = self.evaluation.get("latency")
+        return found if isinstance(found, dict) else {}
+
+    @property
+    def upper_ms(self) -> float:
+        """The bound the budget rule compares (median ratio + 2 standard errors, times the reference)."""
+        return float(self.latency.get("latency_upper_ms", self.latency_ms))
+
+    def meets(self, limit_ms: float) -> bool:
+        """Whether the trial's measured latency meets a limit by the budget rule (``upper_ms <= limit_ms``)."""
+        return self.upper_ms <= limit_ms + 1e-9
+
+    @property
+    def noisy(self) -> bool:
+        """The measurement stayed noisy after its re-measurements (a loaded machine)."""
+        return bool(self.latency.get("noisy", False))
 
     @property
     def fingerprint(self) -> str:
@@ -599,6 +645,7 @@ def _identity(options: RunOptions, evaluator: Evaluator, budget: Budget) -> dict
             "space": options.space,
             "batch_size": evaluator.batch_size,
             "device": evaluator.device.type,
+            "latency_source": options.latency_source,
         }
     )
     return dict(sorted(identity.items()))
@@ -618,97 +665,76 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _cache_key(evaluator: Evaluator, meter: LatencyMeter) -> str:
-    environment = meter.environment()
-    material = {
-        "settings": evaluator.settings(),
-        "batch_size": evaluator.batch_size,
-        "device_name": environment["device_name"],
-        "threads": environment["threads"],
-        "torch": environment["torch"],
-        "repeats": meter.repeats,
-        "tool": __version__,
-        "latency_model_fields": sorted(LatencyModel.__dataclass_fields__),
-        "allocator_tuned": _ALLOCATOR["tuned"],
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def latency_source_for(name: str, evaluator: Evaluator, rounds_warmup: int = 1) -> LatencySource:
+    """The latency source ``--latency-source`` names, for the evaluator's model and device.
 
-
-CACHE_TOLERANCE = 0.3
-"""A cached calibration is reused while a quick measurement of the unpruned model is within this share of it."""
-
-
-def default_cache_dir() -> Path:
-    """Where calibrations are cached: ``$TUNER_CACHE_DIR``, else ``~/.cache/tuner``."""
-    configured = os.environ.get("TUNER_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "tuner"
-
-
-CALIBRATION_ATTEMPTS = 3
-STEADY_SPREAD = 1.25
-"""A calibration is steady when its unpruned p90 is within 25% of its median and a re-check agrees with it."""
-
-
-def _quick_unpruned_ms(evaluator: Evaluator, meter: LatencyMeter) -> float:
-    quick = LatencyMeter(meter.device, repeats=5, warmup=1, dtype=meter.dtype)
-    return quick.measure(evaluator.latency_call()).median_ms
-
-
-def _steady_calibration(evaluator: Evaluator, meter: LatencyMeter, note: Callable[[str], None]) -> LatencyModel:
-    """Calibrate; on a shared host, measure again (up to :data:`CALIBRATION_ATTEMPTS` times) while it is unsteady.
-
-    A load burst during the calibration would scale every predicted latency of the study (a 50 ms budget then looks
-    unreachable), so a calibration whose unpruned runs spread widely, or whose baseline a quick re-check does not
-    confirm, is repeated.
+    Raises:
+        TunerError: an unknown name.
     """
-    note("calibrating the latency model: the unpruned model and probe schedules, interleaved")
-    model = calibrate_latency_model(evaluator, meter)
-    for _ in range(CALIBRATION_ATTEMPTS - 1):
-        p90 = model.calibration.get("baseline_p90_ms")
-        spread = float(p90) / model.baseline_ms if isinstance(p90, (int, float)) else 1.0
-        drift = _quick_unpruned_ms(evaluator, meter) / model.baseline_ms - 1.0
-        if spread <= STEADY_SPREAD and abs(drift) <= CACHE_TOLERANCE:
-            break
-        note(
-            f"the latency calibration was unsteady (unpruned p90 {spread - 1:+.0%} over its median, a re-check "
-            f"{drift:+.0%} off); measuring again"
-        )
-        model = calibrate_latency_model(evaluator, meter)
-    return model
+    if name == "measured":
+        return MeasuredLatency(LatencyMeter(evaluator.device, warmup=rounds_warmup, dtype=evaluator_dtype(evaluator)))
+    if name == "synthetic":
+        return SyntheticLatency(synthetic_model(evaluator.model))
+    raise TunerError(f"unknown latency source {name!r}; available: {', '.join(LATENCY_SOURCES)}")
 
 
-def latency_model_for(
-    evaluator: Evaluator,
-    meter: LatencyMeter,
-    cache_dir: Path | None,
-    recalibrate: bool,
-    note: Callable[[str], None] = lambda message: None,
-) -> LatencyModel:
-    """This machine's latency model for the evaluator's task: cached, else calibrated (and cached).
+def unpruned_schedule(shape: EncoderShape) -> Schedule:
+    """The empty schedule of an encoder (no layer merges)."""
+    return Schedule.none(shape.num_layers, shape.tokens_in, family=shape.family, has_cls=shape.has_cls)
 
-    Measured latency varies from run to run on a shared host; reusing one calibration per machine, model, batch size
-    and thread count makes two fresh studies with the same seed see the same latency values, hence the same trials.
+
+def pruned_call(evaluator: Evaluator, schedule: Schedule) -> Callable[[], None]:
+    """The evaluator's timed call under ``schedule`` (applied and removed around each call: microseconds)."""
+    native_call = evaluator.latency_call()
+    model = evaluator.model
+
+    def call() -> None:
+        with apply(model, schedule):
+            native_call()
+
+    return call
+
+
+def measure_schedule(
+    evaluator: Evaluator, source: LatencySource, schedule: Schedule, rounds: int, reference_ms: float | None = None
+) -> PairedLatency:
+    """``schedule`` timed in ``rounds`` rounds interleaved with the unpruned model (see :class:`PairedLatency`)."""
+    return source.paired(evaluator.latency_call(), pruned_call(evaluator, schedule), schedule, rounds, reference_ms)
+
+
+SIZING_PROBE_KEEP = 0.25
+"""Workload sizing times the paper's Skip schedule at this share of tokens as the "strong pruning" probe."""
+
+
+def size_workload(
+    evaluator: Evaluator, budget: Budget, note: Callable[[str], None] = lambda message: None
+) -> WorkloadChoice:
+    """Size the evaluator's timed batch to this machine for a budget in ms (see :func:`choose_batch_size`).
+
+    The probe is the paper's Skip schedule to 25% of the tokens with the paper's scoring, measured interleaved with
+    the unpruned model at each candidate batch. The evaluator is left at the chosen batch.
+
+    Raises:
+        TunerError: the evaluator cannot change its batch, or the budget is not a time.
     """
-    folder = (cache_dir or default_cache_dir()) / "latency"
-    path = folder / f"{_cache_key(evaluator, meter)}.json"
-    if not recalibrate and path.is_file():
-        try:
-            model = LatencyModel.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, OSError):
-            pass  # an unreadable cache entry is measured again and overwritten
-        else:
-            drift = _quick_unpruned_ms(evaluator, meter) / model.baseline_ms - 1.0
-            if abs(drift) <= CACHE_TOLERANCE:
-                note(f"latency model reused from this machine's calibration cache {path} (--recalibrate: afresh)")
-                return model
-            note(f"the cached latency calibration is {drift:+.0%} off the unpruned latency measured now; recalibrating")
-    model = _steady_calibration(evaluator, meter, note)
-    with contextlib.suppress(OSError):  # a read-only home only costs the reuse
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(model.to_dict(), sort_keys=True), encoding="utf-8")
-        os.replace(temporary, path)
-    return model
+    resize = getattr(evaluator, "set_batch_size", None)
+    if resize is None or budget.kind != "ms":
+        raise TunerError("only an evaluator with set_batch_size and a budget in ms can size its workload")
+    shape = EncoderShape.of_model(evaluator.model)
+    tokens_out = max(1, round(SIZING_PROBE_KEEP * shape.tokens_in))
+    probe = Schedule.preset("skip", num_layers=shape.num_layers, tokens_in=shape.tokens_in, tokens_out=tokens_out,
+                            family=shape.family, has_cls=shape.has_cls)  # fmt: skip
+    source = MeasuredLatency(LatencyMeter(evaluator.device, warmup=1, dtype=evaluator_dtype(evaluator)))
+
+    def measure(batch: int) -> tuple[float, float]:
+        resize(batch)
+        paired = measure_schedule(evaluator, source, probe, rounds=5)
+        return paired.baseline_median_ms, paired.candidate_median_ms
+
+    note(f"sizing the demo workload to this machine for the budget {budget} (unpruned vs {probe.describe()})")
+    choice = choose_batch_size(measure, budget.limit_ms(1.0))
+    resize(choice.batch_size)
+    return choice
 
 
 def create_or_resume(
@@ -719,11 +745,14 @@ def create_or_resume(
     evaluator: Evaluator,
     budget: Budget,
     note: Callable[[str], None],
+    workload: WorkloadChoice | None = None,
 ) -> tuple[StudyContext, bool]:
     """Load the study ``study_name`` if it exists (checking its settings), else create and set it up.
 
-    A new study gets its metric names, settings, meta, the calibrated latency model, the unpruned baseline and the
-    space's seed trials. An existing one must have the same settings; seed and sampler may change.
+    A new study gets its metric names, settings, meta (with the ``workload`` choice, if the batch was sized), the
+    space's seed trials, and its reference: the unpruned model's latency (``final_repeats`` runs of the latency
+    source) and calibration accuracy. An existing one must have the same settings; seed, sampler, trials, timeout,
+    prefer and the measurement rounds may change.
 
     Returns:
         ``(context, resumed)``.
@@ -780,26 +809,29 @@ def create_or_resume(
                     "family": shape.family,
                     "has_cls": shape.has_cls,
                 },
+                "workload": workload.to_dict() if workload is not None else None,
                 "created": _now(),
             },
         )
-    if ATTR_LATENCY_MODEL not in attrs:
-        # Seeds first: an interruption before the calibration is stored leaves the study "new", and the next run
+    if ATTR_BASELINE not in attrs:
+        # Seeds first: an interruption before the reference is stored leaves the study "new", and the next run
         # enqueues again (skip_if_exists keeps one of each).
         for point in space.distinct_seed_points(shape):
             study.enqueue_trial(point.params, user_attrs={ATTR_SEED_POINT: point.label}, skip_if_exists=True)
-        meter = LatencyMeter(
-            evaluator.device, repeats=options.final_repeats, warmup=3, dtype=evaluator_dtype(evaluator)
-        )
-        latency_model = latency_model_for(evaluator, meter, options.cache_dir, options.recalibrate, note)
+        source = latency_source_for(options.latency_source, evaluator, rounds_warmup=3)
+        note(f"measuring the unpruned model's reference latency ({options.final_repeats} runs, {source.name})")
+        reference = source.reference(evaluator.latency_call(), options.final_repeats)
         note("scoring the unpruned model on the calibration subset")
         baseline = {
             "accuracy_calib": evaluator.accuracy("calib"),
-            "latency_ms": latency_model.baseline_ms,
-            "latency_p90_ms": latency_model.calibration.get("baseline_p90_ms"),
+            "latency_ms": reference.median_ms,
+            "latency_p90_ms": reference.p90_ms,
+            "latency_samples_ms": [round(sample, 4) for sample in reference.samples_ms],
+            "latency_source": source.name,
+            "environment": source.environment(),
+            "measured": _now(),
         }
         study.set_user_attr(ATTR_BASELINE, baseline)
-        study.set_user_attr(ATTR_LATENCY_MODEL, latency_model.to_dict())
     else:
         _requeue_interrupted_seeds(study, space, shape)
     return StudyContext.load(study, storage_url), existing and ATTR_SETTINGS in attrs
@@ -831,9 +863,11 @@ class TrialOutcome:
         summary: the schedule's one-line description.
         tokens_out: patch tokens after the encoder.
         accuracy: calibration accuracy.
-        latency_ms: predicted latency (the objective).
-        measured_ms: measured median latency (None when reused from an identical schedule).
-        feasible: within the budget.
+        latency_ms: measured latency (the objective): median ratio to the unpruned model x the reference.
+        upper_ms: the bound the budget rule compares.
+        baseline_ms: the unpruned model's median in the same rounds (None when reused from an identical schedule).
+        feasible: meets the budget by the budget rule.
+        noisy: the measurement stayed noisy after its re-measurements.
         duplicate_of: the trial whose evaluation was reused, or None.
         seed_point: the seed label of an enqueued trial, or None.
         forward_s: seconds spent in model forward passes (accuracy and latency calls).
@@ -845,8 +879,10 @@ class TrialOutcome:
     tokens_out: int
     accuracy: float
     latency_ms: float
-    measured_ms: float | None
+    upper_ms: float
+    baseline_ms: float | None
     feasible: bool
+    noisy: bool
     duplicate_of: int | None
     seed_point: str | None
     forward_s: float
@@ -859,9 +895,10 @@ class StudyRunner:
     Args:
         context: the study and what it stores.
         evaluator: the task (its model is where schedules are applied).
-        meter: measures each trial's real latency.
+        source: where latencies come from (the study's latency source).
         sampler_name: ``--sampler``.
         seed: ``--seed``.
+        rounds: interleaved rounds of each trial's latency measurement.
         on_trial: called with each :class:`TrialOutcome` (the progress display).
     """
 
@@ -869,20 +906,22 @@ class StudyRunner:
         self,
         context: StudyContext,
         evaluator: Evaluator,
-        meter: LatencyMeter,
+        source: LatencySource,
         sampler_name: str,
         seed: int,
+        rounds: int = 8,
         on_trial: Callable[[TrialOutcome], None] | None = None,
     ) -> None:
         self.context = context
         self.evaluator = evaluator
-        self.meter = meter
+        self.source = source
         self.space = context.space
         self.shape = context.shape
-        self.latency_model = context.latency_model
+        self.reference_ms = context.reference_ms
         self.budget_ms = context.budget_ms()
         self.sampler_name = sampler_name
         self.seed = seed
+        self.rounds = rounds
         self.on_trial = on_trial
         self.outcomes: list[TrialOutcome] = []
         self.evaluations = 0
@@ -903,28 +942,28 @@ class StudyRunner:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
-        """One trial: schedule -> (accuracy on the calibration subset, predicted latency in ms), with the constraint."""
+        """One trial: schedule -> (accuracy on the calibration subset, measured latency in ms), with the constraint."""
         started = time.perf_counter()
         self.current_trial = trial
         schedule = self.space.sample(trial, self.shape)
         fingerprint = schedule.fingerprint()
         cached = self._cache.get(fingerprint)
         forward_s = 0.0
+        baseline_ms: float | None = None
         if cached is None:
+            forward_started = time.perf_counter()
             with apply(self.evaluator.model, schedule):
-                forward_started = time.perf_counter()
                 accuracy = self.evaluator.accuracy("calib")
-                latency = self.meter.measure(self.evaluator.latency_call())
-                forward_s = time.perf_counter() - forward_started
+            paired = measure_schedule(self.evaluator, self.source, schedule, self.rounds, self.reference_ms)
+            forward_s = time.perf_counter() - forward_started
             self.evaluations += 1
+            baseline_ms = paired.baseline_median_ms
             evaluation: dict[str, Any] = {
                 "fingerprint": fingerprint,
                 "tokens_out": schedule.tokens_out,
                 "remove_per_layer": schedule.remove_per_layer,
                 "accuracy_calib": accuracy,
-                "latency_ms_measured": latency.median_ms,
-                "latency_p90_ms_measured": latency.p90_ms,
-                "latency_samples_ms": [round(sample, 4) for sample in latency.samples_ms],
+                "latency": paired.to_dict(self.reference_ms),
                 "duplicate_of": None,
             }
             self._cache[fingerprint] = {**evaluation, "trial": trial.number}
@@ -932,20 +971,25 @@ class StudyRunner:
             evaluation = {key: value for key, value in cached.items() if key != "trial"}
             evaluation["duplicate_of"] = cached["trial"]
             accuracy = float(cached["accuracy_calib"])
-        predicted = self.latency_model.predict_ms(schedule)
-        evaluation["latency_ms_predicted"] = predicted
+        latency = evaluation["latency"]
+        latency_ms, upper_ms = float(latency["latency_ms"]), float(latency["latency_upper_ms"])
         evaluation["proposed_by"] = self._proposer(trial)
         trial.set_user_attr(ATTR_SCHEDULE, schedule.describe())
         trial.set_user_attr(ATTR_EVALUATION, evaluation)
-        trial.set_constraint(CONSTRAINT_KEY, predicted - self.budget_ms)
+        # Readable in any Optuna tool without opening the evaluation record.
+        trial.set_user_attr("latency_ms_measured", round(latency_ms, 4))
+        trial.set_user_attr("tokens_out", schedule.tokens_out)
+        trial.set_constraint(CONSTRAINT_KEY, upper_ms - self.budget_ms)
         outcome = TrialOutcome(
             number=trial.number,
             summary=schedule.describe(),
             tokens_out=schedule.tokens_out,
             accuracy=accuracy,
-            latency_ms=predicted,
-            measured_ms=evaluation["latency_ms_measured"] if cached is None else None,
-            feasible=predicted <= self.budget_ms,
+            latency_ms=latency_ms,
+            upper_ms=upper_ms,
+            baseline_ms=baseline_ms,
+            feasible=upper_ms <= self.budget_ms + 1e-9,
+            noisy=bool(latency.get("noisy")) and cached is None,
             duplicate_of=evaluation["duplicate_of"],
             seed_point=trial.user_attrs.get(ATTR_SEED_POINT),
             forward_s=forward_s,
@@ -954,7 +998,7 @@ class StudyRunner:
         self.outcomes.append(outcome)
         if self.on_trial is not None:
             self.on_trial(outcome)
-        return accuracy, predicted
+        return accuracy, latency_ms
 
     def _proposer(self, trial: optuna.Trial) -> dict[str, Any]:
         label = trial.user_attrs.get(ATTR_SEED_POINT)
@@ -968,6 +1012,7 @@ class StudyRunner:
         Returns:
             Trials run in this session.
         """
+        self.study.set_user_attr(ATTR_REQUESTED, total_trials)
         missing = max(0, total_trials - self.completed())
         if missing == 0:
             return 0
@@ -983,8 +1028,9 @@ class StudyRunner:
             return
         with contextlib.suppress(Exception), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if self.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                self.study.tell(trial, state=TrialState.FAIL)
+            stored = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+            if stored.state == TrialState.RUNNING:
+                self.study.tell(trial.number, state=TrialState.FAIL)
 
 
 @dataclass
@@ -1046,8 +1092,3 @@ def load_study(storage: optuna.storages.RDBStorage, storage_url: str, name: str 
 def evaluator_dtype(evaluator: Evaluator) -> Any:
     """The evaluator's model dtype when it says (for the meter's provenance), else None."""
     return getattr(evaluator, "dtype", None)
-
-
-def device_of(options_device: str) -> torch.device:
-    """The device ``--device`` names (``auto`` resolved), checked to exist here."""
-    return resolve_device(resolve_device_name(options_device))

@@ -1,6 +1,6 @@
 """Wall-clock timing of model calls: CUDA events on a GPU, perf_counter on a CPU, interleaved candidates.
 
-Shared by the latency evaluator and the benchmarks so both measure the same way (field notes, "Latency measurement").
+Shared by the latency evaluator and the benchmarks so both measure the same way (docs/latency.md).
 """
 
 from __future__ import annotations
