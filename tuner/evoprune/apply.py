@@ -1,4 +1,4 @@
-"""Apply a :class:`Schedule` to a transformers vision encoder, per instance and removably.
+"""Apply a :class:`Schedule` to a vision encoder (any family an adapter knows), per instance and removably.
 
 Only two kinds of module get an instance-level ``forward`` (their classes are never touched):
 
@@ -10,6 +10,11 @@ Only two kinds of module get an instance-level ``forward`` (their classes are ne
 Every other layer runs its own code, with the model's attention implementation (sdpa by default). Removing the
 handle deletes those attributes, so the model is bit-identical to the untouched one; parameters and buffers are
 never replaced, so ``state_dict`` keys never change.
+
+This module is the generic part: the encoder loop, where merges go and the attention statistics. A merging layer's
+model-specific parts (norms, q/k/v and output projections, MLP) come from its family's adapter
+(:class:`tuner.evoprune.adapters.LayerOps`, looked up once per forward), so a new encoder family is one adapter
+module and no change here.
 
 ``apply(..., reducer="slice")`` is a timing oracle, not a method: the same layers shrink by the same counts, but each
 merging layer just keeps its first tokens (no statistics, no scoring, the model's own attention), the cheapest token
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from tuner.evoprune.adapters import VisionEncoder, resolve_encoder
+from tuner.evoprune.adapters import PRE_NORM_VIT_OPS, LayerOps, VisionEncoder, resolve_encoder
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
 from tuner.evoprune.merge import TokenState, merge_step, patch_importance
 from tuner.evoprune.schedule import Schedule
@@ -78,10 +83,6 @@ class EvoPruneHandle:
         self._patched: list[tuple[nn.Module, str, Any]] = []
 
     @property
-    def active(self) -> bool:
-        return bool(self._patched)
-
-    @property
     def ctr_reductions(self) -> dict[int, int]:
         """Per merging layer of the last forward, how many batch items got less CTR protection than specified.
 
@@ -129,7 +130,8 @@ def apply(model: nn.Module, schedule: Schedule, *, reducer: Reducer = "merge") -
     """Apply ``schedule`` to the vision encoder of ``model``.
 
     Args:
-        model: a supported transformers model (CLIP or SigLIP vision/dual models, their image classifiers, LLaVA).
+        model: a model some adapter supports (CLIP or SigLIP vision/dual models, their image classifiers, LLaVA;
+            or a family registered with :func:`tuner.evoprune.adapters.register_adapter`).
         schedule: the per-layer plan; its depth and input tokens must match the encoder.
         reducer: ``"merge"``, EvoPrune's score-guided merging; or ``"slice"``, a timing oracle for benchmarks: each
             merging layer runs the model's own attention and keeps its first ``T - r`` patch tokens (CLS stays), no
@@ -198,8 +200,8 @@ def _check_fits(encoder: VisionEncoder, schedule: Schedule) -> None:
 class _Step:
     """What a merging layer needs from its encoder's forward: the state of this call and the step's settings.
 
-    ``state`` is None with the slicing reducer (which tracks none); ``chunk_logits`` is the attention chunk budget
-    of this forward (None when no layer computes attention statistics).
+    ``state`` is None with the slicing reducer (which tracks none); ``ops`` are the encoder family's block parts;
+    ``chunk_logits`` is the attention chunk budget of this forward (None when no layer computes attention statistics).
     """
 
     def __init__(
@@ -208,18 +210,21 @@ class _Step:
         state: TokenState | None,
         remove: int,
         cls_tokens: int,
+        ops: LayerOps,
         chunk_logits: int | None = None,
     ) -> None:
         self.handle = handle
         self.state = state
         self.remove = remove
         self.cls_tokens = cls_tokens
+        self.ops = ops
         self.chunk_logits = chunk_logits
 
 
 def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutput]:
     schedule = handle.schedule
     cls_tokens = 1 if handle.encoder.has_cls else 0
+    ops = handle.encoder.layer_ops
     slicing = handle.reducer == "slice"
     proportional = schedule.scoring.proportional_attention and not slicing
     needs_attention = schedule.scoring.needs_attention and not slicing
@@ -249,7 +254,7 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
         for index, layer in enumerate(self.layers):
             remove = schedule.remove_per_layer[index]
             if remove > 0:
-                step = _Step(handle, state, remove, cls_tokens, chunk_logits)
+                step = _Step(handle, state, remove, cls_tokens, ops, chunk_logits)
                 hidden = layer(hidden, mask, evoprune_step=step, **kwargs)
                 if step.state is not None:
                     state = step.state
@@ -291,19 +296,22 @@ def _merging_layer_forward(
     evoprune_step: _Step | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
+    """A merging layer: the block's attention computed here (with its statistics), the merge step, then the MLP."""
     if evoprune_step is None:
         # Called outside its encoder's loop (someone runs the block alone): behave as the block's own code.
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     step = evoprune_step
     assert step.state is not None, "a merging layer runs with the merge reducer, which tracks the token state"
     scoring = step.handle.schedule.scoring
+    ops = step.ops
     residual = hidden_states
     profile = step.handle.profile
-    normed = self.layer_norm1(hidden_states)
+    attention = ops.attention(self)
+    normed = ops.attention_norm(self, hidden_states)
     if profile and scoring.needs_attention:
-        _profile_attention_statistics(self.self_attn, normed, attention_mask, step.handle, step.chunk_logits)
+        _profile_attention_statistics(attention, normed, attention_mask, step.handle, step.chunk_logits, ops)
     attention_out, keys, received = _attention_with_statistics(
-        self.self_attn, normed, attention_mask, scoring.needs_attention, step.chunk_logits
+        attention, normed, attention_mask, scoring.needs_attention, step.chunk_logits, ops
     )
     hidden_states = residual + attention_out
 
@@ -323,7 +331,7 @@ def _merging_layer_forward(
         step.handle.merge_seconds += time.perf_counter() - started
 
     residual = hidden_states
-    hidden_states = self.mlp(self.layer_norm2(hidden_states))
+    hidden_states = ops.mlp(self, ops.mlp_norm(self, hidden_states))
     return residual + hidden_states
 
 
@@ -337,13 +345,12 @@ def _slicing_layer_forward(
     """A merging layer of the timing oracle: the block's own attention, then keep the first ``N - r`` tokens."""
     if evoprune_step is None:
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    ops = evoprune_step.ops
     residual = hidden_states
-    attention_out, _ = self.self_attn(
-        hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
-    )
+    attention_out = ops.native_attention(self, ops.attention_norm(self, hidden_states), attention_mask, **kwargs)
     hidden_states = (residual + attention_out)[:, : hidden_states.shape[1] - evoprune_step.remove]
     residual = hidden_states
-    hidden_states = self.mlp(self.layer_norm2(hidden_states))
+    hidden_states = ops.mlp(self, ops.mlp_norm(self, hidden_states))
     return residual + hidden_states
 
 
@@ -422,16 +429,18 @@ def attention_chunks(
 
 
 def _attention_with_statistics(
-    attention: Any,
+    attention: nn.Module,
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     need_importance: bool,
     chunk_logits: int | None = None,
+    ops: LayerOps = PRE_NORM_VIT_OPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block's self-attention, also returning the keys averaged over heads and, if asked, the attention received.
 
-    Uses the module's own projections and scale. Without a need for the attention received it runs sdpa. With it,
-    the softmax is computed explicitly, in the chunks of :func:`attention_chunks` (``chunk_logits`` logits each,
+    Uses the module's own projections and scale, through the family's ``ops`` (the encoder's ``layer_ops``; the
+    default serves CLIP and SigLIP attention modules). Without a need for the attention received it runs sdpa. With
+    it, the softmax is computed explicitly, in the chunks of :func:`attention_chunks` (``chunk_logits`` logits each,
     None for the device's default), and the column sums of the softmax are summed on the way.
 
     Returns:
@@ -440,15 +449,13 @@ def _attention_with_statistics(
         model); :func:`tuner.evoprune.merge.patch_importance` turns it into the importance ``s~``.
     """
     batch, length, _ = hidden.shape
-    shape = (batch, length, -1, attention.head_dim)
-    query = attention.q_proj(hidden).view(shape).transpose(1, 2)
-    key = attention.k_proj(hidden).view(shape).transpose(1, 2)
-    value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+    query, key, value = ops.project(attention, hidden)
     heads = query.shape[1]
+    scale = ops.scale(attention)
     importance = None
     if need_importance:
         # The scale goes on the queries ([.., N, d]) rather than on the logits ([.., N, N]).
-        query = query * attention.scale
+        query = query * scale
         softmax_dtype = torch.promote_types(query.dtype, torch.float32)
         # Chunk results are concatenated rather than written with out=, which autograd does not allow.
         outputs, received = [], []
@@ -467,8 +474,8 @@ def _attention_with_statistics(
         # Column sums over the queries, averaged over the heads: N times the column mean.
         importance = _cat(received, dim=0).mean(dim=1)
     else:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scale)
-    output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    output = ops.attention_output(attention, output)
     return output, key.mean(dim=1), importance
 
 
@@ -477,11 +484,12 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def _profile_attention_statistics(
-    attention: Any,
+    attention: nn.Module,
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     handle: EvoPruneHandle,
-    chunk_logits: int | None = None,
+    chunk_logits: int | None,
+    ops: LayerOps,
 ) -> None:
     """Charge the explicit attention's extra time over the model's own (sdpa) to ``merge_seconds`` (profiling only).
 
@@ -490,13 +498,13 @@ def _profile_attention_statistics(
     """
     _synchronize(hidden)
     started = time.perf_counter()
-    _attention_with_statistics(attention, hidden, mask, True, chunk_logits)  # warm-up
+    _attention_with_statistics(attention, hidden, mask, True, chunk_logits, ops)  # warm-up
     _synchronize(hidden)
     reference_started = time.perf_counter()
-    _attention_with_statistics(attention, hidden, mask, False)
+    _attention_with_statistics(attention, hidden, mask, False, None, ops)
     _synchronize(hidden)
     explicit_started = time.perf_counter()
-    _attention_with_statistics(attention, hidden, mask, True, chunk_logits)
+    _attention_with_statistics(attention, hidden, mask, True, chunk_logits, ops)
     _synchronize(hidden)
     finished = time.perf_counter()
     handle.merge_seconds += (finished - explicit_started) - (explicit_started - reference_started)

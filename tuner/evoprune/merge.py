@@ -60,8 +60,8 @@ class TokenState:
 def attention_received(attention_probs: torch.Tensor, special_tokens: int = 0) -> torch.Tensor:
     """Attention each patch token *receives*: the column mean of the softmax matrix, averaged over heads.
 
-    The paper prints the row mean, which is constantly ``1 / N`` because softmax rows sum to 1 (docs/method.md, 4). Every
-    query counts (a CLS query too); the result covers the patch tokens only and is normalised over them
+    The paper prints the row mean, which is constantly ``1 / N`` because softmax rows sum to 1 (docs/method.md, 4).
+    Every query counts (a CLS query too); the result covers the patch tokens only and is normalised over them
     (:func:`patch_importance`), so its mean is 1 whatever share of the attention the special tokens take.
 
     Args:

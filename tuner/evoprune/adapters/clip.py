@@ -11,6 +11,7 @@ from transformers import (
 )
 
 from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter
+from tuner.evoprune.adapters.vit import pre_norm_vit_encoder
 
 
 @register_adapter(
@@ -18,17 +19,9 @@ from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter
     ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPForImageClassification"),
 )
 def resolve(model: nn.Module) -> VisionEncoder | None:
+    """The CLIP vision encoder of ``model``, or None if it is no CLIP model."""
     if isinstance(model, (CLIPModel, CLIPForImageClassification, CLIPVisionModelWithProjection)):
         model = model.vision_model
     if not isinstance(model, CLIPVisionModel):
         return None
-    config = model.config
-    return VisionEncoder(
-        family="clip",
-        vision_model=model,
-        encoder=model.encoder,
-        has_cls=True,
-        num_patches=model.embeddings.num_patches,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-    )
+    return pre_norm_vit_encoder("clip", model, has_cls=True)

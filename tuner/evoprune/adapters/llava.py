@@ -5,15 +5,14 @@ from __future__ import annotations
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
 
-from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter
+from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter, resolve_encoder
 
 
 @register_adapter("llava", ("LlavaForConditionalGeneration (CLIP or SigLIP tower)", "LlavaModel"))
 def resolve(model: nn.Module) -> VisionEncoder | None:
+    """The vision tower's encoder of a LLaVA model (through the tower's own adapter), or None."""
     if isinstance(model, LlavaForConditionalGeneration):
         model = model.model
     if not isinstance(model, LlavaModel):
         return None
-    from tuner.evoprune.adapters.registry import resolve_encoder
-
     return resolve_encoder(model.vision_tower)

@@ -6,21 +6,14 @@ from torch import nn
 from transformers import SiglipForImageClassification, SiglipModel, SiglipVisionModel
 
 from tuner.evoprune.adapters.registry import VisionEncoder, register_adapter
+from tuner.evoprune.adapters.vit import pre_norm_vit_encoder
 
 
 @register_adapter("siglip", ("SiglipVisionModel", "SiglipModel", "SiglipForImageClassification"))
 def resolve(model: nn.Module) -> VisionEncoder | None:
+    """The SigLIP vision encoder of ``model``, or None if it is no SigLIP model."""
     if isinstance(model, (SiglipModel, SiglipForImageClassification)):
         model = model.vision_model
     if not isinstance(model, SiglipVisionModel):
         return None
-    config = model.config
-    return VisionEncoder(
-        family="siglip",
-        vision_model=model,
-        encoder=model.encoder,
-        has_cls=False,
-        num_patches=model.embeddings.num_patches,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-    )
+    return pre_norm_vit_encoder("siglip", model, has_cls=False)
