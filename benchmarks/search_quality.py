@@ -37,23 +37,17 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators import parse_budget  # noqa: E402
+
 from evaluators.demo import DemoEvaluator  # noqa: E402
-from evaluators.latency import LatencySource  # noqa: E402
 from search_spaces import EncoderShape  # noqa: E402
 from tuner.evoprune import Schedule, Scoring, apply  # noqa: E402
 from tuner.export import select_schedule  # noqa: E402
-from tuner.study import (  # noqa: E402
-    RunOptions,
-    StudyContext,
-    StudyRunner,
-    create_or_resume,
-    latency_source_for,
-    measure_schedule,
-    open_storage,
-    trial_records,
-    tune_allocator,
-)
+from tuner.latency import LatencySource, parse_budget  # noqa: E402
+from tuner.measure import latency_source_for, measure_schedule  # noqa: E402
+from tuner.options import RunOptions  # noqa: E402
+from tuner.storage import open_storage  # noqa: E402
+from tuner.study import StudyContext, StudyRunner, create_or_resume, trial_records  # noqa: E402
+from tuner.timing import tune_allocator  # noqa: E402
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "skip": {"stride": 2, "offset": 0, "start_layer": 0},
@@ -72,6 +66,8 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
         0.575
     """
     inside = sorted((ratio, accuracy) for accuracy, ratio in points if ratio < 1.0 and accuracy > 0.0)
+    if not inside:
+        return 0.0
     edges = [ratio for ratio, _ in inside[1:]] + [1.0]
     area, best = 0.0, 0.0
     # Each strip from a point's ratio to the next slower one counts the best accuracy reached at that latency or faster.
@@ -153,17 +149,25 @@ def hypervolume_curve(context: StudyContext) -> list[float]:
 
 
 def summary(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    found = [v for v in values if v == v]  # NaN: the seed exported nothing for that budget
+    if not found:
+        return float("nan"), 0.0
+    return statistics.mean(found), (statistics.stdev(found) if len(found) > 1 else 0.0)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=80, help="trials per study (default 80)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler (default 3)")
+    parser.add_argument("--samplers", default="tpe,random", help="samplers to run now (default tpe,random)")
     parser.add_argument("--budgets", default="60%,80%", help="budgets (default 60%%,80%%)")
     parser.add_argument("--batch-size", type=int, default=32, help="demo scenes per timed forward (default 32)")
+    parser.add_argument("--calib", type=int, default=None, help="calibration scenes (default: the demo's 256)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per latency measurement (default 8)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="folder for JSON and HTML")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start a new results file (default: add to one with the same settings)"
+    )
     args = parser.parse_args()
 
     tune_allocator()
@@ -172,120 +176,130 @@ def main() -> int:
     budgets = [parse_budget(text.strip()) for text in args.budgets.split(",")]
     loosest = max(budgets, key=lambda b: b.limit_ms(1.0))
     started = time.perf_counter()
-    evaluator = DemoEvaluator(batch_size=args.batch_size, device="cpu")
+    evaluator = DemoEvaluator(batch_size=args.batch_size, calib=args.calib, device="cpu")
     shape = EncoderShape.of_model(evaluator.model)
     source = latency_source_for("measured", evaluator)
-    print(
-        f"demo: calib {evaluator.calib}, held-out {evaluator.holdout}, batch {evaluator.batch_size}, CPU threads "
-        f"{source.environment().get('threads')} on {source.environment().get('device_name')}"
-    )
+    environment = source.environment()
+    settings = {
+        "trials": args.trials, "batch_size": args.batch_size, "calib": evaluator.calib, "rounds": args.rounds,
+        "budgets": [str(b) for b in budgets], "device": environment.get("device_name"),
+        "threads": environment.get("threads"),
+    }  # fmt: skip
+    print(f"demo: calib {evaluator.calib}, held-out {evaluator.holdout}, batch {evaluator.batch_size}, CPU threads "
+          f"{settings['threads']} on {settings['device']}")  # fmt: skip
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / "search_quality.json"
+    results: dict[str, Any] = {"settings": settings, "studies": {}, "paper_grid": None}
+    if path.is_file() and not args.fresh:
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == settings:
+            results = stored
+            print(f"adding to {path} ({len(results['studies'])} studies in it)")
 
-    print("paper families (paper scoring):")
-    grid = family_grid(evaluator, source, shape, args.rounds)
-    curves: dict[str, list[list[float]]] = {"tpe": [], "random": []}
-    exported: dict[str, dict[str, list[float]]] = {str(b): {"tpe": [], "random": []} for b in budgets}
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=1))
+
+    if results["paper_grid"] is None:
+        print("paper families (paper scoring):")
+        results["paper_grid"] = [
+            {"schedule": p.label, "accuracy_calib": p.accuracy_calib, "accuracy_holdout": p.accuracy_holdout,
+             "ratio": p.ratio, "ratio_upper": p.ratio_upper}
+            for p in family_grid(evaluator, source, shape, args.rounds)
+        ]  # fmt: skip
+        save()
     with tempfile.TemporaryDirectory() as folder:
-        for sampler in ("tpe", "random"):
+        for sampler in [name.strip() for name in args.samplers.split(",")]:
             for seed in range(args.seeds):
+                key = f"{sampler}-{seed}"
+                if key in results["studies"]:
+                    continue
                 context = run_study(Path(folder), evaluator, sampler, seed, args.trials, str(loosest), args.rounds)
-                curves[sampler].append(hypervolume_curve(context))
+                record: dict[str, Any] = {"curve": hypervolume_curve(context), "exports": {}}
                 export_source = latency_source_for("measured", evaluator, rounds_warmup=3)
                 for budget in budgets:
                     selection = select_schedule(context, evaluator, export_source, budget=budget, rounds=20)
                     chosen = selection.chosen
-                    exported[str(budget)][sampler].append(chosen.accuracy_holdout if chosen else float("nan"))
-                    if chosen is not None:
-                        print(
-                            f"    export {budget}: trial {chosen.record.number} {chosen.record.summary}: held-out "
-                            f"{chosen.accuracy_holdout:.4f}, {chosen.verdict.describe() if chosen.verdict else ''}"
-                        )
+                    record["exports"][str(budget)] = (
+                        {"trial": chosen.record.number, "schedule": chosen.record.summary,
+                         "accuracy_holdout": chosen.accuracy_holdout,
+                         "latency_ms": chosen.verdict.latency_ms if chosen.verdict else None}
+                        if chosen else None
+                    )  # fmt: skip
+                    print(f"    export {budget}: "
+                          + (f"trial {chosen.record.number} {chosen.record.summary}: held-out "
+                             f"{chosen.accuracy_holdout:.4f}" if chosen else "nothing meets it"))  # fmt: skip
+                record["noisy_trials"] = sum(r.noisy for r in trial_records(context.study))
+                results["studies"][key] = record
+                save()
+    elapsed = time.perf_counter() - started
+    return report(results, args.seeds, budgets, args.output, elapsed)
 
-    # Hypervolume: mean and spread over seeds after every trial.
-    mean_curve = {s: [statistics.mean(c[i] for c in curves[s]) for i in range(args.trials)] for s in curves}
+
+def report(results: dict[str, Any], seeds: int, budgets: list[Any], output: Path, elapsed: float) -> int:
+    """Print the tables and write the figure from whatever studies the results file holds."""
+    studies = results["studies"]
+    curves = {
+        sampler: [studies[f"{sampler}-{seed}"]["curve"] for seed in range(seeds) if f"{sampler}-{seed}" in studies]
+        for sampler in ("tpe", "random")
+    }
+    if not curves["tpe"] or not curves["random"]:
+        print(f"not all studies are there yet ({sorted(studies)}); run again with the other --samplers")
+        return 1
+    trials = min(len(curve) for runs in curves.values() for curve in runs)
+    mean_curve = {s: [statistics.mean(c[i] for c in curves[s]) for i in range(trials)] for s in curves}
     spread = {
-        s: [statistics.stdev(c[i] for c in curves[s]) if len(curves[s]) > 1 else 0.0 for i in range(args.trials)]
+        s: [statistics.stdev(c[i] for c in curves[s]) if len(curves[s]) > 1 else 0.0 for i in range(trials)]
         for s in curves
     }
     target_hv = mean_curve["random"][-1]
     reached = next((i + 1 for i, value in enumerate(mean_curve["tpe"]) if value >= target_hv), None)
     print()
-    print(f"hypervolume (accuracy x latency ratio below the unpruned model), mean +- sd over {args.seeds} seeds:")
+    print(f"hypervolume (accuracy x share of the unpruned latency saved), mean +- sd over "
+          f"{len(curves['tpe'])} / {len(curves['random'])} seeds:")  # fmt: skip
     print(f"{'after trials':>12} {'tpe':>16} {'random':>16}")
-    for index in sorted({9, 19, 39, args.trials // 2 - 1, args.trials - 1}):
-        if index < args.trials:
-            print(
-                f"{index + 1:>12} {mean_curve['tpe'][index]:>9.4f} +-{spread['tpe'][index]:.4f} "
-                f"{mean_curve['random'][index]:>9.4f} +-{spread['random'][index]:.4f}"
-            )
-    half = args.trials // 2
+    for index in sorted({9, 19, 39, trials // 2 - 1, trials - 1}):
+        if 0 <= index < trials:
+            print(f"{index + 1:>12} {mean_curve['tpe'][index]:>9.4f} +-{spread['tpe'][index]:.4f} "
+                  f"{mean_curve['random'][index]:>9.4f} +-{spread['random'][index]:.4f}")  # fmt: skip
+    half = trials // 2
     hv_ok = reached is not None and reached <= half
-    print(
-        f"TPE reaches random's final mean hypervolume {target_hv:.4f} after {reached} trials "
-        f"(target <= {half}): {'OK' if hv_ok else 'MISSED'}"
-    )
+    print(f"TPE reaches random's final mean hypervolume {target_hv:.4f} after {reached} trials "
+          f"(target <= {half}): {'OK' if hv_ok else 'MISSED'}")  # fmt: skip
 
-    rows = []
     held_ok = True
+    rows = []
     print()
-    print(
-        f"{'budget':>7} {'paper pick (calib-best that meets it)':48s} {'held-out':>8} {'best family held-out':>20} "
-        f"{'tpe export held-out':>22} {'random export':>16}"
-    )
     for budget in budgets:
         limit = budget.limit_ms(1.0)
-        feasible = [p for p in grid if p.ratio_upper <= limit + 1e-9]
-        pick = max(feasible, key=lambda p: (p.accuracy_calib, -p.ratio)) if feasible else None
-        best_holdout = max((p.accuracy_holdout for p in feasible), default=float("nan"))
-        tpe_mean, tpe_sd = summary(exported[str(budget)]["tpe"])
-        random_mean, random_sd = summary(exported[str(budget)]["random"])
-        pick_holdout = pick.accuracy_holdout if pick else float("nan")
-        ok = pick is None or tpe_mean >= pick_holdout
+        grid = results["paper_grid"]
+        feasible = [p for p in grid if p["ratio_upper"] <= limit + 1e-9]
+        pick = max(feasible, key=lambda p: (p["accuracy_calib"], -p["ratio"])) if feasible else None
+        best_holdout = max((p["accuracy_holdout"] for p in feasible), default=float("nan"))
+        exported = {
+            s: [
+                (studies[f"{s}-{seed}"]["exports"].get(str(budget)) or {}).get("accuracy_holdout", float("nan"))
+                for seed in range(seeds)
+                if f"{s}-{seed}" in studies
+            ]
+            for s in ("tpe", "random")
+        }
+        tpe_mean, tpe_sd = summary(exported["tpe"])
+        random_mean, random_sd = summary(exported["random"])
+        pick_holdout = pick["accuracy_holdout"] if pick else float("nan")
+        found = sum(v == v for v in exported["tpe"])
+        ok = found > 0 and (pick is None or tpe_mean >= pick_holdout)
         held_ok = held_ok and ok
-        print(
-            f"{str(budget):>7} {pick.label if pick else 'none meets it':48s} {pick_holdout:>8.4f} "
-            f"{best_holdout:>20.4f} "
-            f"{tpe_mean:>14.4f} +-{tpe_sd:.4f} {random_mean:>9.4f} +-{random_sd:.4f}  {'OK' if ok else 'MISSED'}"
-        )
-        rows.append(
-            {
-                "budget": str(budget),
-                "paper_pick": pick.label if pick else None,
-                "paper_pick_holdout": pick_holdout,
-                "paper_best_holdout": best_holdout,
-                "tpe_holdout": exported[str(budget)]["tpe"],
-                "random_holdout": exported[str(budget)]["random"],
-            }
-        )
-    elapsed = time.perf_counter() - started
-    print(f"\nwhole run: {elapsed / 60:.1f} min on {source.environment().get('device_name')}")
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    results = {
-        "trials": args.trials,
-        "seeds": args.seeds,
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
-        "device": source.environment().get("device_name"),
-        "threads": source.environment().get("threads"),
-        "hypervolume_mean": mean_curve,
-        "hypervolume_sd": spread,
-        "tpe_reaches_random_final_after": reached,
-        "budgets": rows,
-        "paper_grid": [
-            {
-                "schedule": p.label,
-                "accuracy_calib": p.accuracy_calib,
-                "accuracy_holdout": p.accuracy_holdout,
-                "ratio": p.ratio,
-                "ratio_upper": p.ratio_upper,
-            }
-            for p in grid
-        ],
-        "minutes": elapsed / 60,
-    }
-    (args.output / "search_quality.json").write_text(json.dumps(results, indent=1))
-    _figure(mean_curve, spread, args.output / "search_quality.html")
-    print(f"results: {args.output / 'search_quality.json'}, figure: {args.output / 'search_quality.html'}")
+        print(f"budget {budget}: paper pick {pick['schedule'] if pick else '(no paper-family schedule meets it)'} "
+              f"held-out {pick_holdout:.4f} (best paper-family held-out {best_holdout:.4f}); tuned (TPE) held-out "
+              f"{tpe_mean:.4f} +-{tpe_sd:.4f} ({found}/{len(exported['tpe'])} seeds exported); random "
+              f"{random_mean:.4f} +-{random_sd:.4f}: {'OK' if ok else 'MISSED'}")  # fmt: skip
+        rows.append({"budget": str(budget), "paper_pick": pick, "paper_best_holdout": best_holdout,
+                     "tpe_holdout": exported["tpe"], "random_holdout": exported["random"]})  # fmt: skip
+    print(f"\nthis invocation: {elapsed / 60:.1f} min on {results['settings']['device']}")
+    results["summary"] = {"tpe_reaches_random_final_after": reached, "trials": trials, "budgets": rows}
+    (output / "search_quality.json").write_text(json.dumps(results, indent=1))
+    _figure(mean_curve, spread, output / "search_quality.html")
+    print(f"results: {output / 'search_quality.json'}, figure: {output / 'search_quality.html'}")
     return 0 if hv_ok and held_ok else 1
 
 

@@ -24,16 +24,13 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators import get_evaluator, parse_budget  # noqa: E402
-from tuner.study import (  # noqa: E402
-    RunOptions,
-    StudyRunner,
-    TrialOutcome,
-    create_or_resume,
-    latency_source_for,
-    open_storage,
-    tune_allocator,
-)
+from evaluators import get_evaluator  # noqa: E402
+from tuner.latency import parse_budget  # noqa: E402
+from tuner.measure import latency_source_for  # noqa: E402
+from tuner.options import RunOptions  # noqa: E402
+from tuner.storage import open_storage  # noqa: E402
+from tuner.study import StudyRunner, TrialOutcome, create_or_resume  # noqa: E402
+from tuner.timing import tune_allocator  # noqa: E402
 
 TARGET = 0.05
 

@@ -1,18 +1,20 @@
-"""Evaluators: the tasks the tuner scores schedules on, budgets and latency measurement, and calibration splits.
+"""Evaluators: the accuracy tasks the tuner scores schedules on, and their calibration splits.
 
-Importing this package registers the built-in evaluators (``demo``, ``fidelity``, ``zeroshot``).
+Importing this package registers the built-in evaluators (``demo``, ``fidelity``, ``zeroshot``); installed packages
+add theirs through the ``tuner.evaluators`` entry-point group. Budgets and latency live in :mod:`tuner.latency`.
 
 Example:
-    >>> from evaluators import available_evaluators, get_evaluator, parse_budget
+    >>> from evaluators import available_evaluators, get_evaluator
     >>> available_evaluators()
     ['demo', 'fidelity', 'zeroshot']
-    >>> str(parse_budget("0.05s")), get_evaluator("demo").default_calib
-    ('50ms', 256)
+    >>> get_evaluator("demo").default_calib
+    256
 """
 
 from evaluators.base import (
     Evaluator,
     EvaluatorError,
+    EvaluatorOptions,
     Split,
     available_evaluators,
     get_evaluator,
@@ -21,43 +23,18 @@ from evaluators.base import (
 from evaluators.calibration import random_split, resolve_sizes, stratified_split
 from evaluators.demo import DemoEvaluator
 from evaluators.fidelity import FidelityEvaluator
-from evaluators.latency import (
-    Budget,
-    BudgetError,
-    BudgetVerdict,
-    LatencyMeter,
-    LatencyModel,
-    LatencyResult,
-    LatencySource,
-    MeasuredLatency,
-    PairedLatency,
-    SyntheticLatency,
-    budget_verdict,
-    parse_budget,
-)
 from evaluators.zeroshot import ZeroShotEvaluator
 
 __all__ = [
-    "Budget",
-    "BudgetError",
-    "BudgetVerdict",
     "DemoEvaluator",
     "Evaluator",
     "EvaluatorError",
+    "EvaluatorOptions",
     "FidelityEvaluator",
-    "LatencyMeter",
-    "LatencyModel",
-    "LatencyResult",
-    "LatencySource",
-    "MeasuredLatency",
-    "PairedLatency",
-    "SyntheticLatency",
-    "budget_verdict",
     "Split",
     "ZeroShotEvaluator",
     "available_evaluators",
     "get_evaluator",
-    "parse_budget",
     "random_split",
     "register_evaluator",
     "resolve_sizes",

@@ -1,30 +1,95 @@
-"""The interface every accuracy evaluator implements, and the registry that finds them by name."""
+"""The interface every accuracy evaluator implements, the options they share, and the registry that finds them.
+
+Evaluators are found by name in a :class:`~tuner.registry.Registry`: the built-in ones register with
+:func:`register_evaluator`, and installed packages add theirs through the ``tuner.evaluators`` entry-point group.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from tuner.errors import EvaluatorError
+from tuner.registry import EVALUATOR_GROUP, Registry
+
+__all__ = [
+    "EVALUATORS",
+    "Evaluator",
+    "EvaluatorError",
+    "EvaluatorOptions",
+    "Split",
+    "available_evaluators",
+    "evaluator_class",
+    "get_evaluator",
+    "register_evaluator",
+]
+
 Split = Literal["calib", "holdout"]
 
 
-class EvaluatorError(ValueError):
-    """Bad evaluator input (unknown name, unknown model, a dataset without the needed columns, ...).
+@dataclass(frozen=True)
+class EvaluatorOptions:
+    """What every evaluator is built from (``tuner run`` passes its flags of the same names).
 
-    The message is one line that names the problem and the fix; the CLI prints it and exits with code 2.
+    Attributes:
+        model: a model folder or hub id; None where the evaluator ships its own (the demo).
+        dataset: a dataset (hub id, ``save_to_disk`` folder, data folder or file); None where it renders its own.
+        dataset_split: the dataset's split; None for test, validation or train, whichever it has first.
+        calib: calibration items; None for the evaluator's default.
+        holdout: held-out items, disjoint from the calibration items; None for the evaluator's default.
+        batch_size: items per forward, for accuracy and latency alike; None for the evaluator's default.
+        device: where the model runs.
+        dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        seed: seeds the calibration/held-out split (and anything else random in the task).
+
+    Example:
+        >>> EvaluatorOptions.of(None, {"calib": 64, "seed": 3}).calib
+        64
+        >>> EvaluatorOptions.of(None, {"calibration": 64})
+        Traceback (most recent call last):
+        ...
+        tuner.errors.EvaluatorError: unknown evaluator option 'calibration'; valid: model, dataset, dataset_split, \
+calib, holdout, batch_size, device, dtype, seed
     """
+
+    model: str | None = None
+    dataset: str | None = None
+    dataset_split: str | None = None
+    calib: int | None = None
+    holdout: int | None = None
+    batch_size: int | None = None
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype = "auto"
+    seed: int = 0
+
+    @classmethod
+    def of(cls, options: EvaluatorOptions | None, settings: Mapping[str, Any]) -> EvaluatorOptions:
+        """``options`` (default: all defaults) with ``settings`` (keyword arguments of a constructor) applied.
+
+        Raises:
+            EvaluatorError: a setting that is not an option (the message lists the valid ones).
+        """
+        names = [field.name for field in dataclasses.fields(cls)]
+        for name in settings:
+            if name not in names:
+                raise EvaluatorError(f"unknown evaluator option {name!r}; valid: {', '.join(names)}")
+        return dataclasses.replace(options or cls(), **settings)
 
 
 class Evaluator(ABC):
     """A task the tuner scores schedules on: a model, calibration and held-out data, and a metric.
 
-    The constructor loads the model and the data and computes everything that must come from the *unpruned* model
-    (reference predictions, text embeddings): no schedule is applied while it runs. After that, the runner applies a
-    schedule to ``self.model`` (``tuner.evoprune.apply``) and calls :meth:`accuracy` and :meth:`latency_call`.
+    The constructor takes an :class:`EvaluatorOptions` and/or its fields as keywords (``DemoEvaluator(calib=64)``,
+    ``DemoEvaluator(options)``, ``DemoEvaluator(options, seed=1)``). It loads the model and the data and computes
+    everything that must come from the *unpruned* model (reference predictions, text embeddings): no schedule is
+    applied while it runs. After that, the runner applies a schedule to ``self.model`` (``tuner.evoprune.apply``) and
+    calls :meth:`accuracy` and :meth:`latency_call`.
 
     Attributes:
         name: the registry name.
@@ -54,18 +119,7 @@ class Evaluator(ABC):
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable settings that identify the task (model, dataset, sizes, seed): a study's identity."""
 
-    def describe(self) -> str:
-        """One line for progress output."""
-        return f"{self.name}: {self.settings()}"
-
-    def _set_runtime(
-        self,
-        device: str | torch.device,
-        dtype: str | torch.dtype,
-        batch_size: int | None,
-        default_batch_size: int,
-        seed: int,
-    ) -> None:
+    def _set_runtime(self, options: EvaluatorOptions, default_batch_size: int) -> None:
         """Check and set ``device``, ``dtype``, ``batch_size`` and ``seed``: the start every constructor shares.
 
         Raises:
@@ -73,29 +127,41 @@ class Evaluator(ABC):
         """
         from evaluators.loading import resolve_batch_size, resolve_device, resolve_dtype
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = resolve_batch_size(batch_size, default_batch_size)
-        self.seed = int(seed)
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.batch_size = resolve_batch_size(options.batch_size, default_batch_size)
+        self.seed = int(options.seed)
 
 
-_REGISTRY: dict[str, type[Evaluator]] = {}
+def evaluator_class(name: str, loaded: Any) -> type[Evaluator]:
+    """What an entry point of ``tuner.evaluators`` loads: an :class:`Evaluator` subclass, named as the entry point."""
+    if not (isinstance(loaded, type) and issubclass(loaded, Evaluator)):
+        raise EvaluatorError(
+            f"entry point {name!r} of group {EVALUATOR_GROUP} is not an Evaluator subclass: {loaded!r}"
+        )
+    loaded.name = name
+    return loaded
+
+
+EVALUATORS: Registry[type[Evaluator]] = Registry(
+    "evaluator", EVALUATOR_GROUP, error=EvaluatorError, adapt=evaluator_class
+)
+"""The evaluators by name: the built-in ones and those of installed packages (entry points)."""
 
 
 def register_evaluator(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
-    """Class decorator: make an evaluator available under ``name``."""
+    """Class decorator: make an evaluator available under ``name`` (a name taken by another class is an error)."""
 
     def decorator(cls: type[Evaluator]) -> type[Evaluator]:
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return EVALUATORS.register(name, cls)
 
     return decorator
 
 
 def available_evaluators() -> list[str]:
     """Names of the registered evaluators, sorted."""
-    return sorted(_REGISTRY)
+    return EVALUATORS.names()
 
 
 def get_evaluator(name: str) -> type[Evaluator]:
@@ -104,7 +170,4 @@ def get_evaluator(name: str) -> type[Evaluator]:
     Raises:
         EvaluatorError: unknown name; the message lists the available ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise EvaluatorError(f"unknown evaluator {name!r}; available: {', '.join(available_evaluators())}") from None
+    return EVALUATORS.get(name)

@@ -18,7 +18,7 @@ import numpy as np
 
 from evaluators.base import EvaluatorError
 
-__all__ = ["check_sizes", "pick_split", "random_split", "resolve_sizes", "stratified_split"]
+__all__ = ["check_sizes", "empty_split", "pick_split", "random_split", "resolve_sizes", "stratified_split"]
 
 T = TypeVar("T")
 
@@ -33,15 +33,16 @@ def check_sizes(calib: int, holdout: int, available: int) -> None:
         >>> check_sizes(500, 300, 540)
         Traceback (most recent call last):
         ...
-        evaluators.base.EvaluatorError: --calib 500 and --holdout 300 need 800 items; the dataset has 540; lower them
+        tuner.errors.EvaluatorError: calib 500 and holdout 300 need 800 items; the dataset has 540; lower them
     """
     for name, value, minimum in (("calib", calib, 1), ("holdout", holdout, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise EvaluatorError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+            raise EvaluatorError(f"{name} must be an integer >= {minimum}, got {value!r}", param=name)
     if calib + holdout > available:
         raise EvaluatorError(
-            f"--calib {calib} and --holdout {holdout} need {calib + holdout} items; the dataset has {available}; "
-            "lower them"
+            f"calib {calib} and holdout {holdout} need {calib + holdout} items; the dataset has {available}; lower "
+            "them",
+            param=("calib", "holdout"),
         )
 
 
@@ -185,3 +186,14 @@ def pick_split(split: str, calib: T, holdout: T) -> T:
     if split == "holdout":
         return holdout
     raise EvaluatorError(f"unknown split {split!r}; use 'calib' or 'holdout'")
+
+
+def empty_split(split: str) -> EvaluatorError:
+    """The error for a split with no items to score (the message names the size parameter to raise).
+
+    Example:
+        >>> print(empty_split("holdout"))
+        no held-out items to score; give holdout 1 or more
+    """
+    items = "calibration" if split == "calib" else "held-out"
+    return EvaluatorError(f"no {items} items to score; give {split} 1 or more", param=split)

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from evaluators.base import Evaluator, EvaluatorError, Split, register_evaluator
-from evaluators.calibration import pick_split, resolve_sizes, stratified_split
+from evaluators.base import Evaluator, EvaluatorError, EvaluatorOptions, Split, register_evaluator
+from evaluators.calibration import empty_split, pick_split, resolve_sizes, stratified_split
 from evaluators.loading import dtype_name, latency_batch, resolve_batch_size, to_batches
 
 __all__ = ["DemoEvaluator"]
@@ -26,15 +26,12 @@ class DemoEvaluator(Evaluator):
     """Top-1 accuracy of the demo classifier on digit scenes.
 
     Args:
-        model: must be None (the demo ships its own model).
-        dataset: must be None (the demo renders its own scenes).
-        calib: calibration scenes (default :attr:`default_calib`).
-        holdout: held-out scenes (default :attr:`default_holdout`), disjoint from the calibration digits.
-        batch_size: scenes per forward (default ``tuner.demo.DEFAULT_BATCH_SIZE``).
-        device: where the model runs.
-        dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
-        seed: seeds the split and the scene rendering.
-        dataset_split: must be None.
+        options: the shared :class:`~evaluators.base.EvaluatorOptions`; ``model``, ``dataset`` and ``dataset_split``
+            must be None (the demo ships its own model and renders its own scenes). ``calib`` and ``holdout`` count
+            scenes (defaults :attr:`default_calib`, :attr:`default_holdout`; the held-out digits are disjoint from the
+            calibration digits), ``batch_size`` defaults to ``tuner.demo.DEFAULT_BATCH_SIZE``, and ``seed`` seeds the
+            split and the scene rendering.
+        **settings: fields of :class:`~evaluators.base.EvaluatorOptions` that override ``options``.
 
     Attributes:
         calib_indices: digit indices (into ``sklearn.datasets.load_digits()``) of the calibration scenes.
@@ -54,27 +51,17 @@ class DemoEvaluator(Evaluator):
     weights_dir: ClassVar[Path | None] = None
     """Where the weights are read from; None for the shipped ``tuner/demo/weights`` (a subclass may point elsewhere)."""
 
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        dataset: str | None = None,
-        calib: int | None = None,
-        holdout: int | None = None,
-        batch_size: int | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str = "auto",
-        seed: int = 0,
-        dataset_split: str | None = None,
-    ) -> None:
+    def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
         from tuner.demo import DEFAULT_BATCH_SIZE, WEIGHTS_DIR, eval_pool, load_demo_model, render_scenes
 
-        if model is not None or dataset is not None or dataset_split is not None:
+        options = EvaluatorOptions.of(options, settings)
+        if options.model is not None or options.dataset is not None or options.dataset_split is not None:
             raise EvaluatorError(
-                "the demo evaluator takes neither --model nor --dataset (nor --dataset-split): it ships its own model "
-                "and renders its own scenes; drop them, or use the fidelity or zeroshot evaluator"
+                "the demo evaluator takes no model, dataset or dataset_split: it ships its own network and renders "
+                "its own scenes; drop them, or use the fidelity or zeroshot evaluator",
+                param=("model", "dataset", "dataset_split"),
             )
-        self._set_runtime(device, dtype, batch_size, DEFAULT_BATCH_SIZE, seed)
+        self._set_runtime(options, DEFAULT_BATCH_SIZE)
         weights = Path(self.weights_dir) if self.weights_dir is not None else WEIGHTS_DIR
         if not (weights / "model.safetensors").is_file() or not (weights / "config.json").is_file():
             raise EvaluatorError(
@@ -85,7 +72,9 @@ class DemoEvaluator(Evaluator):
         self.model = classifier.to(dtype=self.dtype)
 
         digits, labels = eval_pool()
-        self.calib, self.holdout = resolve_sizes(calib, holdout, len(labels), self.default_calib, self.default_holdout)
+        self.calib, self.holdout = resolve_sizes(
+            options.calib, options.holdout, len(labels), self.default_calib, self.default_holdout
+        )
         calib_positions, holdout_positions = stratified_split(labels.tolist(), self.calib, self.holdout, self.seed)
         self.calib_indices: list[int] = digits[calib_positions].tolist()
         self.holdout_indices: list[int] = digits[holdout_positions].tolist()
@@ -120,7 +109,7 @@ class DemoEvaluator(Evaluator):
         batches, labels = pick_split(split, self._calib, self._holdout)
         total = sum(len(y) for y in labels)
         if total == 0:
-            raise EvaluatorError(f"the {split} split is empty; give --{split} 1 or more")
+            raise empty_split(split)
         correct = 0
         with torch.inference_mode():
             for x, y in zip(batches, labels, strict=True):

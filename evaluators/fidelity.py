@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluators.base import Evaluator, EvaluatorError, Split, register_evaluator
-from evaluators.calibration import pick_split, random_split, resolve_sizes
+from evaluators.base import Evaluator, EvaluatorError, EvaluatorOptions, Split, register_evaluator
+from evaluators.calibration import empty_split, pick_split, random_split, resolve_sizes
 from evaluators.loading import (
     IMAGE_COLUMNS,
     dtype_name,
@@ -72,16 +72,12 @@ class FidelityEvaluator(Evaluator):
     """Agreement (classifiers) or feature cosine (other models) of the pruned with the unpruned model, in [0, 1].
 
     Args:
-        model: a local folder or hub id of a model the EvoPrune adapters support (required).
-        dataset: images: a hub id, a ``save_to_disk`` folder, or a local data folder or file (required); the image
-            column is ``image`` or ``img``.
-        calib: calibration images (default :attr:`default_calib`; a smaller dataset is split in halves).
-        holdout: held-out images (default :attr:`default_holdout`), disjoint from the calibration images.
-        batch_size: images per forward (default :attr:`default_batch_size`).
-        device: where the model runs.
-        dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
-        seed: seeds the split.
-        dataset_split: the dataset split; None for test, validation or train, whichever comes first.
+        options: the shared :class:`~evaluators.base.EvaluatorOptions`. ``model`` (required): a local folder or hub
+            id of a model the EvoPrune adapters support; ``dataset`` (required): images (a hub id, a ``save_to_disk``
+            folder, or a local data folder or file) with an ``image`` or ``img`` column; ``calib`` and ``holdout``
+            default to :attr:`default_calib` and :attr:`default_holdout` (a smaller dataset is split in halves),
+            ``batch_size`` to :attr:`default_batch_size`; ``seed`` seeds the split.
+        **settings: fields of :class:`~evaluators.base.EvaluatorOptions` that override ``options``.
 
     Attributes:
         calib_indices: dataset rows of the calibration images.
@@ -96,29 +92,22 @@ class FidelityEvaluator(Evaluator):
     default_holdout: ClassVar[int] = 128
     default_batch_size: ClassVar[int] = 16
 
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        dataset: str | None = None,
-        calib: int | None = None,
-        holdout: int | None = None,
-        batch_size: int | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str = "auto",
-        seed: int = 0,
-        dataset_split: str | None = None,
-    ) -> None:
+    def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
+        options = EvaluatorOptions.of(options, settings)
+        model, dataset = options.model, options.dataset
         if model is None or dataset is None:
             raise EvaluatorError(
-                "the fidelity evaluator needs --model (a local folder or hub id) and --dataset (images)"
+                "the fidelity evaluator needs model (a local folder or hub id) and dataset (images)",
+                param=("model", "dataset"),
             )
         self.model_name, self.dataset_name = model, dataset
-        self._set_runtime(device, dtype, batch_size, self.default_batch_size, seed)
+        self._set_runtime(options, self.default_batch_size)
         # The data first: a dataset without images, or too small, fails before a large model is loaded.
-        data, self.dataset_split = load_image_dataset(dataset, dataset_split)
+        data, self.dataset_split = load_image_dataset(dataset, options.dataset_split)
         self.image_column = find_column(data, IMAGE_COLUMNS, "image", dataset)
-        self.calib, self.holdout = resolve_sizes(calib, holdout, len(data), self.default_calib, self.default_holdout)
+        self.calib, self.holdout = resolve_sizes(
+            options.calib, options.holdout, len(data), self.default_calib, self.default_holdout
+        )
         self.calib_indices, self.holdout_indices = random_split(len(data), self.calib, self.holdout, self.seed)
 
         self.model = load_model(model, device=self.device, dtype=self.dtype)
@@ -153,7 +142,7 @@ class FidelityEvaluator(Evaluator):
         )
         total = sum(len(reference) for reference in references)
         if total == 0:
-            raise EvaluatorError(f"the {split} split is empty; give --{split} 1 or more")
+            raise empty_split(split)
         score = 0.0
         for output, reference in zip(self._outputs(batches), references, strict=True):
             if self.metric == "top1_agreement":

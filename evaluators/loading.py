@@ -86,9 +86,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise EvaluatorError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+        raise EvaluatorError(f"unknown device {device!r}; use cpu or cuda (cuda:N)", param="device") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluatorError(f"device {str(resolved)!r} is not available here (no CUDA); use --device cpu")
+        raise EvaluatorError(f"{str(resolved)!r} is not available here (no CUDA); use device cpu", param="device")
     return resolved
 
 
@@ -101,13 +101,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
-            raise EvaluatorError(f"unsupported dtype {dtype}; use auto, fp32, fp16 or bf16")
+            raise EvaluatorError(f"unsupported dtype {dtype}; use auto, fp32, fp16 or bf16", param="dtype")
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
-        raise EvaluatorError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+        raise EvaluatorError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16", param="dtype")
     return _DTYPES[name]
 
 
@@ -328,7 +328,8 @@ def _one_split(loaded: Any, name: str, split: str | None) -> tuple[Dataset, str 
         own = None if loaded.split is None else str(loaded.split)
         if split is not None and own != split:
             raise EvaluatorError(
-                f"dataset {name!r} has one split ({own or 'unnamed'}), not {split!r}; drop --dataset-split"
+                f"dataset {name!r} has one split ({own or 'unnamed'}), not {split!r}; drop dataset_split",
+                param="dataset_split",
             )
         return loaded, own
     if not isinstance(loaded, datasets.DatasetDict):
@@ -343,7 +344,9 @@ def _one_split(loaded: Any, name: str, split: str | None) -> tuple[Dataset, str 
             return loaded[candidate], candidate
     if len(splits) == 1:
         return loaded[splits[0]], splits[0]
-    raise EvaluatorError(f"dataset {name!r} has splits {', '.join(splits)}; pick one with --dataset-split")
+    raise EvaluatorError(
+        f"dataset {name!r} has splits {', '.join(splits)}; pick one with dataset_split", param="dataset_split"
+    )
 
 
 def find_column(dataset: Dataset, candidates: Sequence[str], what: str, name: str) -> str:
@@ -478,5 +481,5 @@ def resolve_batch_size(batch_size: int | None, default: int) -> int:
     if batch_size is None:
         return default
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvaluatorError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+        raise EvaluatorError(f"batch_size must be an integer >= 1, got {batch_size!r}", param="batch_size")
     return batch_size

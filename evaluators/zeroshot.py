@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from evaluators.base import Evaluator, EvaluatorError, Split, register_evaluator
-from evaluators.calibration import pick_split, resolve_sizes, stratified_split
+from evaluators.base import Evaluator, EvaluatorError, EvaluatorOptions, Split, register_evaluator
+from evaluators.calibration import empty_split, pick_split, resolve_sizes, stratified_split
 from evaluators.fidelity import image_outputs
 from evaluators.loading import (
     IMAGE_COLUMNS,
@@ -42,16 +42,13 @@ class ZeroShotEvaluator(Evaluator):
     """Top-1 zero-shot accuracy of a CLIP or SigLIP model on an image-classification dataset.
 
     Args:
-        model: a local folder or hub id of a ``CLIPModel`` or ``SiglipModel``, with its processor saved beside it.
-        dataset: an image-classification dataset (hub id, ``save_to_disk`` folder, local data folder or file) with an
-            image column (``image``/``img``) and a ``ClassLabel`` label column (``label``/``labels``).
-        calib: calibration images (default :attr:`default_calib`; a smaller dataset is split in halves).
-        holdout: held-out images (default :attr:`default_holdout`), disjoint from the calibration images.
-        batch_size: images per forward (default :attr:`default_batch_size`).
-        device: where the model runs.
-        dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
-        seed: seeds the stratified split.
-        dataset_split: the dataset split; None for test, validation or train, whichever comes first.
+        options: the shared :class:`~evaluators.base.EvaluatorOptions`. ``model`` (required): a local folder or hub
+            id of a ``CLIPModel`` or ``SiglipModel``, with its processor saved beside it; ``dataset`` (required): an
+            image-classification dataset (hub id, ``save_to_disk`` folder, local data folder or file) with an image
+            column (``image``/``img``) and a ``ClassLabel`` label column (``label``/``labels``); ``calib`` and
+            ``holdout`` default to :attr:`default_calib` and :attr:`default_holdout` (a smaller dataset is split in
+            halves), ``batch_size`` to :attr:`default_batch_size`; ``seed`` seeds the stratified split.
+        **settings: fields of :class:`~evaluators.base.EvaluatorOptions` that override ``options``.
 
     Attributes:
         class_names: the dataset's class names, index-aligned with its labels.
@@ -67,29 +64,20 @@ class ZeroShotEvaluator(Evaluator):
     default_holdout: ClassVar[int] = 256
     default_batch_size: ClassVar[int] = 16
 
-    def __init__(
-        self,
-        *,
-        model: str | None = None,
-        dataset: str | None = None,
-        calib: int | None = None,
-        holdout: int | None = None,
-        batch_size: int | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str = "auto",
-        seed: int = 0,
-        dataset_split: str | None = None,
-    ) -> None:
+    def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
+        options = EvaluatorOptions.of(options, settings)
+        model, dataset = options.model, options.dataset
         if model is None or dataset is None:
             raise EvaluatorError(
-                "the zeroshot evaluator needs --model (a CLIP or SigLIP folder or hub id) and --dataset "
-                "(an image-classification dataset)"
+                "the zeroshot evaluator needs model (a CLIP or SigLIP folder or hub id) and dataset (images with class "
+                "labels)",
+                param=("model", "dataset"),
             )
         self.model_name, self.dataset_name = model, dataset
-        self._set_runtime(device, dtype, batch_size, self.default_batch_size, seed)
+        self._set_runtime(options, self.default_batch_size)
 
         # The data first: a dataset without the needed columns, or too small, fails before a large model is loaded.
-        data, self.dataset_split = load_image_dataset(dataset, dataset_split)
+        data, self.dataset_split = load_image_dataset(dataset, options.dataset_split)
         self.image_column = find_column(data, IMAGE_COLUMNS, "image", dataset)
         self.label_column = find_column(data, LABEL_COLUMNS, "label", dataset)
         self.class_names = class_names(data, self.label_column, dataset)
@@ -99,9 +87,12 @@ class ZeroShotEvaluator(Evaluator):
         if not rows:
             raise EvaluatorError(
                 f"dataset {dataset!r} split {self.dataset_split!r} has no labelled rows; pick a labelled split "
-                "with --dataset-split"
+                "with dataset_split",
+                param="dataset_split",
             )
-        self.calib, self.holdout = resolve_sizes(calib, holdout, len(rows), self.default_calib, self.default_holdout)
+        self.calib, self.holdout = resolve_sizes(
+            options.calib, options.holdout, len(rows), self.default_calib, self.default_holdout
+        )
         calib_positions, holdout_positions = stratified_split(
             [labels[row] for row in rows], self.calib, self.holdout, self.seed
         )
@@ -158,7 +149,7 @@ class ZeroShotEvaluator(Evaluator):
         batches, labels = pick_split(split, self._calib, self._holdout)
         total = sum(len(y) for y in labels)
         if total == 0:
-            raise EvaluatorError(f"the {split} split is empty; give --{split} 1 or more")
+            raise empty_split(split)
         correct = 0
         with torch.inference_mode():
             for x, y in zip(batches, labels, strict=True):

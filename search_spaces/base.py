@@ -17,12 +17,15 @@ from typing import Any, ClassVar
 
 import optuna
 
+from tuner.errors import SearchSpaceError
 from tuner.evoprune import Schedule, Scoring
+from tuner.registry import SEARCH_SPACE_GROUP, Registry
 
 __all__ = [
     "DEFAULT_SCORING_PARAMS",
     "SCORING_PARAMS",
     "SEED_KEEP_SHARES",
+    "SPACES",
     "ChoiceParam",
     "EncoderShape",
     "FloatParam",
@@ -37,12 +40,9 @@ __all__ = [
     "register_space",
     "round_half_up",
     "scoring_from_params",
+    "space_instance",
     "tokens_for_share",
 ]
-
-
-class SearchSpaceError(ValueError):
-    """Bad search-space input (unknown name, parameters that do not belong to the space); one line with the fix."""
 
 
 @dataclass(frozen=True)
@@ -347,18 +347,45 @@ def tokens_for_share(share: float, tokens_in: int) -> int:
     return min(tokens_in, max(1, round_half_up(share * tokens_in)))
 
 
-_REGISTRY: dict[str, SearchSpace] = {}
+_INSTANCES: dict[type[SearchSpace], SearchSpace] = {}
+
+
+def _instance(cls: type[SearchSpace]) -> SearchSpace:
+    """The one shared instance of a space class (spaces hold no state)."""
+    if cls not in _INSTANCES:
+        _INSTANCES[cls] = cls()
+    return _INSTANCES[cls]
+
+
+def space_instance(name: str, loaded: Any) -> SearchSpace:
+    """What an entry point of ``tuner.search_spaces`` loads: a :class:`SearchSpace` subclass or instance, whose
+    ``name`` is the entry point's."""
+    if isinstance(loaded, type) and issubclass(loaded, SearchSpace):
+        loaded = _instance(loaded)
+    if not isinstance(loaded, SearchSpace):
+        raise SearchSpaceError(f"entry point {name!r} of group {SEARCH_SPACE_GROUP} is not a SearchSpace: {loaded!r}")
+    if loaded.name != name:
+        raise SearchSpaceError(
+            f"entry point {name!r} of group {SEARCH_SPACE_GROUP} is the space named {loaded.name!r}; name them alike"
+        )
+    return loaded
+
+
+SPACES: Registry[SearchSpace] = Registry(
+    "search space", SEARCH_SPACE_GROUP, error=SearchSpaceError, adapt=space_instance, hint="see `tuner spaces`"
+)
+"""The search spaces by name: the built-in ones and those of installed packages (entry points)."""
 
 
 def register_space(cls: type[SearchSpace]) -> type[SearchSpace]:
-    """Class decorator: make a space available under its ``name`` (one shared instance; spaces hold no state)."""
-    _REGISTRY[cls.name] = cls()
+    """Class decorator: make a space available under its ``name`` (a name taken by another space is an error)."""
+    SPACES.register(cls.name, _instance(cls))
     return cls
 
 
 def available_spaces() -> list[str]:
     """Names of the registered spaces, sorted."""
-    return sorted(_REGISTRY)
+    return SPACES.names()
 
 
 def get_space(name: str) -> SearchSpace:
@@ -367,9 +394,4 @@ def get_space(name: str) -> SearchSpace:
     Raises:
         SearchSpaceError: unknown name; the message lists the available ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise SearchSpaceError(
-            f"unknown search space {name!r}; available: {', '.join(available_spaces())} (see `tuner spaces`)"
-        ) from None
+    return SPACES.get(name)

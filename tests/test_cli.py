@@ -208,6 +208,17 @@ def test_corrupt_database_is_refused_and_left_untouched(tuner_workdir: Path, tun
     assert Path("studies/tuner.db").read_bytes() == content
 
 
+def test_a_storage_path_that_cannot_be_made_is_refused_before_any_model_loads(
+    tuner_workdir: Path, tuner_cli: Cli
+) -> None:
+    Path("a-file").write_text("not a folder")
+    started = time.perf_counter()
+    result = run_tiny(tuner_cli, "--storage", f"sqlite:///{tuner_workdir}/a-file/sub/x.db")
+    assert_one_line_error(result, "cannot create the folder of", "give a writable --storage path")
+    assert "loading the demo evaluator" not in result.out
+    assert time.perf_counter() - started < 30
+
+
 def test_missing_budget_is_a_one_line_usage_error(tuner_workdir: Path, tuner_cli: Cli) -> None:
     assert_one_line_error(tuner_cli("run"), "--budget", "tuner run --help")
 
@@ -324,7 +335,8 @@ def test_every_command_has_help(command: str, tuner_cli: Cli) -> None:
 
 def test_run_help_explains_every_option(tuner_cli: Cli) -> None:
     text = tuner_cli("run", "--help").out
-    options = "--budget --trials --timeout --seed --sampler --storage --study --model --dataset --evaluator --calib"
+    options = "--budget --config --trials --timeout --seed --sampler --storage --study --model --dataset"
+    options += " --dataset-split --evaluator --calib"
     options += " --latency-source --repeats --final-repeats"
     for option in [
         *options.split(),
@@ -417,3 +429,60 @@ def test_locked_database_is_a_one_line_error_and_loses_nothing(
         holder.close()
     assert_one_line_error(result, "is locked by another process", "use another --storage")
     assert len(study_trials()) == 10
+
+
+# ----------------------------------------------------------------------------------------------------------- recipes
+
+
+TINY_RECIPE = """\
+budget = "3s"
+trials = 3
+seed = 2
+calib = 24
+holdout = 24
+batch_size = 8
+repeats = 2
+final_repeats = 5
+device = "cpu"
+study = "recipe"
+"""
+
+
+def test_a_recipe_runs_and_options_given_override_it(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    Path("recipe.toml").write_text(TINY_RECIPE)
+    result = tuner_cli("run", "--config", "recipe.toml", "--trials", "4", "--holdout", "16")
+    assert result.code == 0, result.out + result.err
+    trials = study_trials(name="recipe")
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4  # --trials 4 overrides the file's 3
+    settings = optuna.load_study(study_name="recipe", storage="sqlite:///studies/tuner.db").user_attrs["tuner.settings"]
+    assert settings["calib"] == 24 and settings["holdout"] == 16 and settings["batch_size"] == 8  # file, flag, file
+    assert Path("studies/recipe/best.json").is_file()
+
+
+def test_a_recipe_with_an_unknown_key_is_a_one_line_error(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    Path("recipe.toml").write_text('budget = "3s"\nbuget = "4s"\n')
+    result = tuner_cli("run", "--config", "recipe.toml")
+    assert_one_line_error(result, "unknown key 'buget' in --config recipe.toml", "valid keys: budget, trials")
+    Path("typed.toml").write_text('budget = "3s"\ntrials = "many"\n')
+    assert_one_line_error(tuner_cli("run", "--config", "typed.toml"), "key 'trials'", "must be an integer")
+    Path("nobudget.toml").write_text("trials = 3\n")
+    assert_one_line_error(tuner_cli("run", "--config", "nobudget.toml"), "--budget", "tuner run --help")
+    assert_one_line_error(tuner_cli("run", "--config", "missing.toml"), "cannot read --config missing.toml")
+    assert not Path("studies").exists()
+
+
+def test_the_committed_recipes_are_valid() -> None:
+    from tuner.api import validate
+    from tuner.options import RunOptions, load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+    assert recipes, "studies/ holds no recipe"
+    for path in recipes:
+        validate(RunOptions(**load_recipe(path)))
+
+
+def test_library_errors_name_the_flags(tuner_workdir: Path, tuner_cli: Cli) -> None:
+    result = tuner_cli("run", "--budget", "3s", "--device", "cpu", "--batch-size", "0")
+    assert_one_line_error(result, "--batch-size must be an integer >= 1, got 0")
+    result = tuner_cli("run", "--budget", "3s", "--device", "cpu", "--dataset", "somewhere")
+    assert_one_line_error(result, "the demo evaluator takes no --model, --dataset or --dataset-split")

@@ -111,10 +111,11 @@ def test_stratified_split_is_seeded() -> None:
 def test_split_sizes_are_checked_with_the_numbers() -> None:
     with pytest.raises(EvaluatorError) as caught:
         stratified_split([0, 1] * 270, calib=500, holdout=300, seed=0)
-    assert str(caught.value) == "--calib 500 and --holdout 300 need 800 items; the dataset has 540; lower them"
-    with pytest.raises(EvaluatorError, match="--calib must be an integer >= 1, got 0"):
+    assert str(caught.value) == "calib 500 and holdout 300 need 800 items; the dataset has 540; lower them"
+    assert caught.value.params == ("calib", "holdout")
+    with pytest.raises(EvaluatorError, match="calib must be an integer >= 1, got 0"):
         stratified_split([0, 1], calib=0, holdout=1, seed=0)
-    with pytest.raises(EvaluatorError, match="--holdout must be an integer >= 0, got -1"):
+    with pytest.raises(EvaluatorError, match="holdout must be an integer >= 0, got -1"):
         random_split(10, calib=1, holdout=-1, seed=0)
     with pytest.raises(EvaluatorError, match="need 11 items; the dataset has 10"):
         random_split(10, calib=5, holdout=6, seed=0)
@@ -229,17 +230,17 @@ def test_demo_latency_call_and_settings(demo: DemoEvaluator) -> None:
     "kwargs", [{"model": "openai/clip-vit-base-patch16"}, {"dataset": "mnist"}, {"dataset_split": "test"}]
 )
 def test_demo_takes_no_model_or_dataset(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(EvaluatorError, match="the demo evaluator takes neither --model nor --dataset"):
+    with pytest.raises(EvaluatorError, match="the demo evaluator takes no model, dataset or dataset_split"):
         DemoEvaluator(**kwargs)
 
 
 def test_demo_sizes_are_checked(demo_class: type[DemoEvaluator]) -> None:
     available = len(eval_pool()[1])
     with pytest.raises(
-        EvaluatorError, match=f"--calib 500 and --holdout 300 need 800 items; the dataset has {available}"
+        EvaluatorError, match=f"calib 500 and holdout 300 need 800 items; the dataset has {available}"
     ):
         demo_class(calib=500, holdout=300)
-    with pytest.raises(EvaluatorError, match="--batch-size must be an integer >= 1"):
+    with pytest.raises(EvaluatorError, match="batch_size must be an integer >= 1"):
         demo_class(batch_size=0)
 
 
@@ -405,7 +406,7 @@ def test_fidelity_reads_an_image_folder(clip_vision_dir: Path, tmp_path: Path) -
 
 
 def test_fidelity_errors(clip_vision_dir: Path, images_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(EvaluatorError, match="needs --model"):
+    with pytest.raises(EvaluatorError, match="needs model"):
         FidelityEvaluator(dataset=str(images_dir))
     with pytest.raises(EvaluatorError) as caught:
         FidelityEvaluator(model=str(tmp_path / "nowhere"), dataset=str(images_dir))
@@ -430,7 +431,7 @@ def test_fidelity_errors(clip_vision_dir: Path, images_dir: Path, tmp_path: Path
     with pytest.raises(EvaluatorError) as caught:
         FidelityEvaluator(model=str(clip_vision_dir), dataset=str(texts))
     assert "has no image column (looked for image, img); its columns: text, score" in str(caught.value)
-    with pytest.raises(EvaluatorError, match="--calib 20 and --holdout 20 need 40 items; the dataset has 24"):
+    with pytest.raises(EvaluatorError, match="calib 20 and holdout 20 need 40 items; the dataset has 24"):
         FidelityEvaluator(model=str(clip_vision_dir), dataset=str(images_dir), calib=20, holdout=20)
     with pytest.raises(EvaluatorError, match="has one split"):
         FidelityEvaluator(model=str(clip_vision_dir), dataset=str(images_dir), dataset_split="validation")

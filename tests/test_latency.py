@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from evaluators.base import EvaluatorError
-from evaluators.latency import (
+from tuner.errors import LatencyError, TunerError
+from tuner.evoprune import Schedule, Scoring
+from tuner.evoprune.flops import encoder_flops
+from tuner.latency import (
     MAX_ATTEMPTS,
     MAX_FIXED_SHARE,
     SYNTHETIC_BASELINE_MS,
@@ -32,8 +34,6 @@ from evaluators.latency import (
     parse_budget,
     synthetic_model,
 )
-from tuner.evoprune import Schedule, Scoring
-from tuner.evoprune.flops import encoder_flops
 
 # ------------------------------------------------------------------------------------------------------- budgets
 
@@ -92,7 +92,7 @@ def test_bad_budgets_say_what_is_wrong_and_how_to_fix_it(text: str, problem: str
     message = str(caught.value)
     assert message == f"invalid budget {text!r}: {problem}"
     assert "\n" not in message
-    assert isinstance(caught.value, EvaluatorError)
+    assert isinstance(caught.value, TunerError) and caught.value.params == ("budget",)
 
 
 def test_budget_limit_ms() -> None:
@@ -142,7 +142,7 @@ def test_meter_defaults_follow_the_device() -> None:
         gpu = LatencyMeter("cuda")
         assert (gpu.repeats, gpu.warmup, gpu.timer) == (30, 10, "cuda_events")
     else:
-        with pytest.raises(EvaluatorError, match="not available here"):
+        with pytest.raises(LatencyError, match="not available here"):
             LatencyMeter("cuda")
 
 
@@ -156,7 +156,7 @@ def test_meter_defaults_follow_the_device() -> None:
     ],
 )
 def test_meter_rejects_bad_settings(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(EvaluatorError, match=message):
+    with pytest.raises(LatencyError, match=message):
         LatencyMeter("cpu", **kwargs)
 
 
@@ -203,7 +203,7 @@ def test_meter_interleaves_and_orders_results() -> None:
     assert order == ["small", "large"] * 6  # round-robin, warm-up included
     assert len(fast.samples_ms) == len(slow.samples_ms) == 5
     assert fast.median_ms < slow.median_ms  # 24 images cost more than 1, well beyond the noise
-    with pytest.raises(EvaluatorError):
+    with pytest.raises(LatencyError):
         LatencyMeter("cpu").measure_interleaved([])
 
 
@@ -298,23 +298,23 @@ def test_merge_overhead_can_make_a_light_schedule_slower_than_native() -> None:
 
 def test_latency_model_rejects_foreign_schedules_and_bad_documents() -> None:
     model = tiny_latency_model()
-    with pytest.raises(EvaluatorError, match="the schedule is for 5 layers"):
+    with pytest.raises(LatencyError, match="the schedule is for 5 layers"):
         model.predict_ms(Schedule.none(LAYERS + 1, 64))
-    with pytest.raises(EvaluatorError, match="missing fields"):
+    with pytest.raises(LatencyError, match="missing fields"):
         LatencyModel.from_dict({"baseline_ms": 1.0})
-    with pytest.raises(EvaluatorError, match="unknown fields"):
+    with pytest.raises(LatencyError, match="unknown fields"):
         LatencyModel.from_dict({**model.to_dict(), "extra": 1})
-    with pytest.raises(EvaluatorError, match="must be a JSON object"):
+    with pytest.raises(LatencyError, match="must be a JSON object"):
         LatencyModel.from_dict([1, 2])
-    with pytest.raises(EvaluatorError, match="fixed_share"):
+    with pytest.raises(LatencyError, match="fixed_share"):
         LatencyModel.from_dict({**model.to_dict(), "fixed_share": 0.99})
-    with pytest.raises(EvaluatorError, match="does not match"):
+    with pytest.raises(LatencyError, match="does not match"):
         LatencyModel.from_dict({**model.to_dict(), "flops_native": 123})
-    with pytest.raises(EvaluatorError, match="expected an integer"):
+    with pytest.raises(LatencyError, match="expected an integer"):
         LatencyModel.from_dict({**model.to_dict(), "num_layers": 4.0})
-    with pytest.raises(EvaluatorError, match="expected a number"):
+    with pytest.raises(LatencyError, match="expected a number"):
         LatencyModel.from_dict({**model.to_dict(), "baseline_ms": "40"})
-    with pytest.raises(EvaluatorError, match="merge_share must be in"):
+    with pytest.raises(LatencyError, match="merge_share must be in"):
         LatencyModel.from_dict({**model.to_dict(), "merge_share": -0.1})
 
 
@@ -342,7 +342,7 @@ def test_paired_latency_is_the_median_ratio_times_the_reference() -> None:
     assert paired.upper_ms(100.0) > paired.latency_ms(100.0)
     record = paired.to_dict(100.0)
     assert record["latency_ms"] == 50.0 and record["rounds"] == 5 and record["baseline_samples_ms"][2] == 160.0
-    with pytest.raises(EvaluatorError, match="as many baseline as candidate samples"):
+    with pytest.raises(LatencyError, match="as many baseline as candidate samples"):
         PairedLatency((1.0,), (1.0, 2.0))
 
 

@@ -8,26 +8,24 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evaluators import LatencyMeter, LatencySource, MeasuredLatency, PairedLatency, parse_budget
 from evaluators.demo import DemoEvaluator
-from evaluators.latency import LatencyResult, synthetic_model
 from search_spaces import get_space
+from search_spaces.base import DEFAULT_SCORING_PARAMS
+from tuner.errors import StorageError, TunerError
 from tuner.evoprune import Schedule
 from tuner.export import pareto_front, select_schedule
-from tuner.study import (
-    ATTR_SEED_POINT,
-    RunOptions,
-    StorageError,
-    StudyContext,
-    StudyRunner,
-    TunerError,
-    create_or_resume,
-    default_study_name,
-    make_sampler,
-    open_storage,
-    public_url,
-    trial_records,
+from tuner.latency import (
+    LatencyMeter,
+    LatencyResult,
+    LatencySource,
+    MeasuredLatency,
+    PairedLatency,
+    parse_budget,
+    synthetic_model,
 )
+from tuner.options import RunOptions, default_study_name, make_sampler
+from tuner.storage import open_storage, public_url
+from tuner.study import ATTR_SEED_POINT, StudyContext, StudyRunner, create_or_resume, trial_records
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +81,9 @@ def test_new_study_is_set_up_with_metric_names_settings_and_seed_trials(
         "paper skip default, 25% tokens",
     ]
     assert context.reference_ms > 0 and context.baseline["accuracy_calib"] > 0
-    assert len(context.baseline["latency_samples_ms"]) == 5 and context.latency_source == "measured"
+    assert context.latency_source == "measured" and len(context.baseline["latency_blocks_ms"]) == 4
+    kept = [m for m in context.baseline["latency_blocks_ms"] if m <= 1.15 * min(context.baseline["latency_blocks_ms"])]
+    assert len(context.baseline["latency_samples_ms"]) == 3 * len(kept)  # 5 runs asked: 3 per block, at least
 
 
 def test_identical_schedules_are_evaluated_once_also_across_resume(
@@ -126,7 +126,8 @@ def test_constraint_marks_trials_over_the_budget_and_front_matches_optuna(
 
 
 class StubMeter(LatencySource):
-    """A stand-in for timings with known answers: ratio 0.55 at 32 tokens out or fewer, 0.9 above, 1 unpruned."""
+    """A stand-in for timings with known answers: ratio 0.55 at 32 tokens out or fewer, 0.9 above (2.5 from 56 up: a
+    slow outlier), 1 unpruned."""
 
     name = "stub"
 
@@ -137,6 +138,8 @@ class StubMeter(LatencySource):
         self, baseline: object, candidate: object, schedule: Schedule, rounds: int, reference_ms: float | None = None
     ) -> PairedLatency:  # noqa: E501
         ratio = 1.0 if schedule.is_empty else (0.55 if schedule.tokens_out <= 32 else 0.9)
+        if not schedule.is_empty and schedule.tokens_out >= 56:
+            ratio = 2.5
         return PairedLatency((ratio * 100.0,) * rounds, (100.0,) * rounds, self.name)
 
 
@@ -172,7 +175,7 @@ def test_resuming_with_other_settings_is_refused_naming_the_differences(
     message = str(caught.value)
     assert "was made with different settings" in message
     assert "budget 95% -> 90%" in message and "space family -> keep_ratios" in message
-    assert "use --study NEW_NAME" in message
+    assert "give another study name" in message and caught.value.params == ("study",)
 
 
 def test_seed_and_sampler_may_change_on_resume(tmp_path: Path, tiny_demo_evaluator: DemoEvaluator) -> None:
@@ -214,7 +217,7 @@ def test_storage_refuses_a_corrupt_sqlite_body(tmp_path: Path) -> None:
 
 
 def test_storage_errors_for_bad_urls_and_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="invalid --storage"):
+    with pytest.raises(StorageError, match="invalid storage"):
         open_storage("studies/tuner.db")
     with pytest.raises(StorageError, match="does not exist"):
         open_storage(f"sqlite:///{tmp_path}/missing.db", create=False)
@@ -235,3 +238,33 @@ def test_default_study_names() -> None:
         default_study_name("/models/llava-1.5/", "fidelity", "/data/pope", "cuda", parse_budget("2x"))
         == "llava-1.5-fidelity-pope-cuda-2x"
     )
+
+
+def test_the_plot_uses_measured_latency_marks_the_export_at_its_remeasured_value_and_clips_outliers(
+    tmp_path: Path, tiny_demo_evaluator: DemoEvaluator
+) -> None:
+    from tuner.plots import CLIP_FACTOR, pareto_figure
+
+    context = _study(tmp_path, tiny_demo_evaluator, budget="70%", latency_source="synthetic")
+    context.study.enqueue_trial({"family": "mean", "keep": 0.9, **DEFAULT_SCORING_PARAMS})  # 58 tokens: 250 ms
+    runner = _runner(context, tiny_demo_evaluator, source=StubMeter())
+    runner.run(total_trials=10, timeout=None)
+    selection = select_schedule(context, tiny_demo_evaluator, StubMeter(), rounds=3)
+    assert selection.chosen is not None
+    records = trial_records(context.study)
+    context.study.set_user_attr("tuner.final", {**context.study.user_attrs["tuner.final"], "latency_ms": 54.0})
+    front = {r.number for r in pareto_front(records, context.budget_ms())}
+    figure = pareto_figure(context, front, selection.chosen.record.number)
+    traces = {trace.name: trace for trace in figure.data}
+    exported = next(trace for name, trace in traces.items() if name.startswith("exported"))
+    assert list(exported.x) == [54.0]  # the re-measured value, not the search's
+    x_max = CLIP_FACTOR * max(context.budget_ms(), context.reference_ms)
+    assert figure.layout.xaxis.range[1] == pytest.approx(x_max * 1.02)
+    assert max(r.latency_ms for r in records) == pytest.approx(250.0) and 250.0 > x_max
+    for trace in figure.data:
+        assert all(x <= x_max for x in trace.x)
+    assert "slower trials clipped to the right edge" in figure.layout.title.text
+    feasible_names = ("meets the budget", "Pareto front (feasible)")
+    feasible_x = {x for name, trace in traces.items() if name in feasible_names for x in trace.x}
+    assert feasible_x and all(x <= context.budget_ms() for x in feasible_x)
+    assert "synthetic (not measured)" in figure.layout.title.text  # this study's reference is synthetic

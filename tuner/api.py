@@ -3,7 +3,7 @@
 Example (a real, small demo study; about a minute on 2 CPU cores):
 
     >>> from tuner.api import run_study                                          # doctest: +SKIP
-    >>> from tuner.study import RunOptions                                       # doctest: +SKIP
+    >>> from tuner.options import RunOptions                                     # doctest: +SKIP
     >>> result = run_study(RunOptions(budget="70%", trials=20, storage="sqlite:///studies/tuner.db"))  # doctest: +SKIP
     >>> result.exit_code, result.best_path                                       # doctest: +SKIP
     (0, PosixPath('studies/demo-cpu-70pct/best.json'))
@@ -18,42 +18,49 @@ from typing import Any, Protocol
 
 import optuna
 
-from evaluators import Budget, Evaluator, get_evaluator, parse_budget
-from evaluators.latency import WorkloadChoice
+from evaluators import Evaluator, get_evaluator
 from evaluators.loading import resolve_device, resolve_dtype
-from search_spaces import get_space
+from tuner.errors import TunerError
 from tuner.evoprune import Schedule
 from tuner.export import Prefer, Selection, exported_schedule, pareto_front, select_schedule, write_export
+from tuner.latency import Budget, BudgetVerdict, PairedLatency, WorkloadChoice, parse_budget
+from tuner.measure import latency_source_for, size_workload
+from tuner.options import (
+    RunOptions,
+    default_study_name,
+    output_dir,
+    resolve_device_name,
+)
 from tuner.plots import pareto_figure, write_pareto_html
+from tuner.storage import open_storage, public_url, storage_errors
 from tuner.study import (
     ATTR_FINAL,
     ATTR_META,
     ATTR_REQUESTED,
     ATTR_SETTINGS,
-    LATENCY_SOURCES,
-    SAMPLERS,
-    RunOptions,
     StudyContext,
     StudyRunner,
     TrialOutcome,
     TrialRecord,
-    TunerError,
     create_or_resume,
-    default_study_name,
     evaluator_from_context,
-    latency_source_for,
-    open_storage,
-    output_dir,
-    public_url,
-    resolve_device_name,
-    size_workload,
+    load_study,
     stop_on_interrupt,
-    storage_errors,
     trial_records,
-    tune_allocator,
 )
+from tuner.timing import tune_allocator
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_FEASIBLE", "RunEvents", "RunResult", "export_study", "run_study", "write_plot"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_FEASIBLE",
+    "ApplyResult",
+    "RunEvents",
+    "RunResult",
+    "apply_schedule",
+    "export_study",
+    "run_study",
+    "write_plot",
+]
 
 EXIT_NO_FEASIBLE = 3
 EXIT_INTERRUPTED = 130
@@ -127,31 +134,8 @@ class RunResult:
 
 
 def validate(options: RunOptions) -> Budget:
-    """Check every setting that can be checked without loading a model or touching the storage.
-
-    Returns:
-        The parsed budget.
-
-    Raises:
-        TunerError, BudgetError, SearchSpaceError, EvaluatorError: one line naming the setting and the fix.
-    """
-    budget = parse_budget(options.budget)
-    get_space(options.space)
-    if options.sampler not in SAMPLERS:
-        raise TunerError(f"unknown sampler {options.sampler!r}; available: {', '.join(SAMPLERS)}")
-    if options.latency_source not in LATENCY_SOURCES:
-        raise TunerError(f"unknown latency source {options.latency_source!r}; available: {', '.join(LATENCY_SOURCES)}")
-    if options.prefer not in ("accurate", "fast"):
-        raise TunerError(f"prefer must be accurate or fast, got {options.prefer!r}")
-    get_evaluator(options.evaluator_name)
-    resolve_dtype(options.dtype, resolve_device(resolve_device_name(options.device)))
-    if options.timeout is not None and options.timeout <= 0:
-        raise TunerError(f"timeout must be a number of seconds > 0, got {options.timeout:g}")
-    for name in ("trials", "repeats", "final_repeats"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TunerError(f"{name} must be an integer >= 1, got {value!r}")
-    return budget
+    """``options.validate()``: every setting checked before any model loads or the storage is touched."""
+    return options.validate()
 
 
 def _stored_settings(storage: optuna.storages.RDBStorage, url: str, name: str) -> dict[str, Any] | None:
@@ -169,7 +153,7 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
     """Run (or resume) a study, then choose, check and export its schedule and write its plot.
 
     Every setting is checked before any model loads (:func:`validate`, then the storage). A new demo study with a
-    budget in ms and no batch size gets its workload sized to this machine (:func:`tuner.study.size_workload`); a
+    budget in ms and no batch size gets its workload sized to this machine (:func:`tuner.measure.size_workload`); a
     resumed one keeps the batch it was created with.
 
     Args:
@@ -274,8 +258,6 @@ def export_study(
     Returns:
         ``(selection, exported schedule or None, path or None)``.
     """
-    from tuner.study import load_study
-
     events = events or QuietEvents()
     chosen_budget = parse_budget(budget) if budget is not None else None
     tune_allocator()
@@ -307,7 +289,7 @@ def _prefer(value: str) -> Prefer:
         return "fast"
     if value == "accurate":
         return "accurate"
-    raise TunerError(f"prefer must be accurate or fast, got {value!r}")
+    raise TunerError(f"prefer must be accurate or fast, got {value!r}", param="prefer")
 
 
 def write_plot(context: StudyContext, path: Path, selection: Selection | None = None) -> Path:
@@ -322,3 +304,162 @@ def write_plot(context: StudyContext, path: Path, selection: Selection | None = 
         if final.get("budget") == context.settings["budget"]:
             chosen = final.get("chosen_trial")
     return write_pareto_html(pareto_figure(context, front, chosen), path)
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_schedule` measured.
+
+    Attributes:
+        schedule: the loaded schedule.
+        model_name: the model it was applied to (None: the demo model).
+        inputs: where the inputs came from, in words.
+        batch_size: items per timed forward.
+        token_counts: patch tokens after each layer.
+        ctr_reductions: per merging layer, batch items whose CTR protection was reduced (``handle.ctr_reductions``).
+        paired: the schedule timed interleaved with the unpruned model.
+        environment: the measurement's device, threads, versions.
+        verdict: the budget rule on ``paired`` for the budget stored in the schedule (None when it holds none), with
+            the unpruned model measured in the same rounds as the reference.
+    """
+
+    schedule: Schedule
+    model_name: str | None
+    inputs: str
+    batch_size: int
+    token_counts: list[int]
+    ctr_reductions: dict[int, int]
+    paired: PairedLatency
+    environment: dict[str, Any]
+    verdict: BudgetVerdict | None
+
+
+def apply_schedule(
+    schedule: str | Path,
+    *,
+    model: str | None = None,
+    image: Path | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    repeats: int = 20,
+) -> ApplyResult:
+    """Apply a schedule file to a model: tokens per layer, latency before and after, and the budget rule's verdict.
+
+    Args:
+        schedule: the schedule JSON (e.g. ``studies/<study>/best.json``).
+        model: model folder or hub id; default: the schedule's model (its provenance), else the demo model.
+        image: an image to run (repeated to the batch size); default: the task's own inputs (random pixels for a
+            model: latency and token counts do not depend on pixel values).
+        batch_size: items per timed forward; default: the study's (from the schedule).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        repeats: interleaved rounds of the before/after measurement.
+
+    Returns:
+        The measurement and the verdict.
+    """
+    import torch
+
+    from tuner.evoprune import apply
+    from tuner.latency import LatencyMeter, MeasuredLatency, budget_verdict
+
+    tune_allocator()
+    loaded = Schedule.load(schedule)
+    provenance, metrics = loaded.provenance, loaded.metrics
+    found = provenance.get("evaluator_settings")
+    settings: dict[str, Any] = found if isinstance(found, dict) else {}
+    model_name = model or (settings.get("model") if settings.get("model") not in (None, "tuner.demo") else None)
+    size = batch_size or _positive_int(provenance.get("batch_size")) or _positive_int(settings.get("batch_size")) or 1
+    target = resolve_device(resolve_device_name(device))
+    network, pixel_values, inputs = _model_and_inputs(model_name, image, size, target)
+    call = _forward_call(network, pixel_values)
+    with apply(network, loaded) as handle, torch.inference_mode():
+        call()
+        counts = list(handle.token_counts)
+        reductions = handle.ctr_reductions
+    source = MeasuredLatency(LatencyMeter(target, warmup=3))
+
+    def pruned_call() -> None:
+        with apply(network, loaded):
+            call()
+
+    paired = source.paired(call, pruned_call, loaded, rounds=repeats)
+    budget_text = metrics.get("budget")
+    verdict = (
+        budget_verdict(paired, parse_budget(budget_text), paired.baseline_median_ms)
+        if isinstance(budget_text, str)
+        else None
+    )
+    return ApplyResult(loaded, model_name, inputs, size, counts, reductions, paired, source.environment(), verdict)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _model_and_inputs(model_name: str | None, image: Path | None, batch: int, device: Any) -> tuple[Any, Any, str]:
+    """The model (eval mode, on ``device``) and one batch of inputs, with a word on where the inputs come from."""
+    import torch
+
+    from evaluators.loading import load_image_processor, load_model
+    from tuner.errors import TunerError
+
+    if model_name is None:
+        from tuner.demo import SCENE_SIZE, eval_pool, load_demo_model, render_scenes
+
+        network: Any = load_demo_model(device=device)
+        if image is not None:
+            pixels = _image_tensor(image, SCENE_SIZE)
+            source = f"image {image}"
+        else:
+            digits, _ = eval_pool()
+            pixels, _, _ = render_scenes(digits[:batch], seed=0)
+            source = "demo scenes"
+    else:
+        network = load_model(model_name, device=device, dtype=resolve_dtype("auto", device))
+        config = getattr(network, "config", None)
+        vision = getattr(config, "vision_config", config)
+        side = int(getattr(vision, "image_size", 224))
+        if image is not None:
+            from PIL import Image, UnidentifiedImageError
+
+            processor = load_image_processor(model_name)
+            try:
+                picture = Image.open(image).convert("RGB")
+            except (OSError, UnidentifiedImageError) as error:
+                raise TunerError(f"cannot read image {str(image)!r}: {error}; give a PNG or JPEG file") from None
+            pixels = processor(images=[picture], return_tensors="pt")["pixel_values"].float()
+            source = f"image {image}"
+        else:
+            pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+            source = "random pixels (latency and token counts do not depend on pixel values)"
+    dtype = next(network.parameters()).dtype
+    picks = torch.arange(batch) % len(pixels)
+    return network, pixels[picks].to(device=device, dtype=dtype).contiguous(), source
+
+
+def _image_tensor(path: Path, side: int) -> Any:
+    """An image as the demo model takes it: RGB, ``side`` x ``side``, normalised to [-1, 1], batch of one."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from tuner.errors import TunerError
+
+    try:
+        picture = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError) as error:
+        raise TunerError(f"cannot read image {str(path)!r}: {error}; give a PNG or JPEG file") from None
+    array = np.asarray(picture, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).sub(0.5).div(0.5)
+
+
+def _forward_call(network: Any, pixel_values: Any) -> Callable[[], Any]:
+    """The vision path on one batch, as the evaluators time it."""
+    from evaluators.fidelity import image_outputs
+
+    def forward() -> Any:
+        return image_outputs(network, pixel_values)
+
+    return forward
+
+

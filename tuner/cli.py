@@ -14,11 +14,14 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from tuner.options import RunOptions
 
 app = typer.Typer(
     name="tuner",
@@ -50,19 +53,32 @@ class Prefer(str, Enum):
     fast = "fast"
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print a one-line error (no traceback) and exit."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from evaluators import EvaluatorError
-    from search_spaces import SearchSpaceError
-    from tuner.evoprune.errors import EvoPruneError
-    from tuner.study import TunerError
+DEFAULT_STORAGE = "sqlite:///studies/tuner.db"
+"""The storage every command uses unless told otherwise (the same as ``tuner.storage.DEFAULT_STORAGE``)."""
 
-    return (EvoPruneError, EvaluatorError, SearchSpaceError, TunerError)
+
+def flag(param: str) -> str:
+    """The command-line flag of a library parameter name: ``batch_size`` -> ``--batch-size``."""
+    return "--" + param.replace("_", "-")
+
+
+def error_line(error: BaseException) -> str:
+    """A bad-input error as the CLI prints it: one line, the parameters it names written as flags."""
+    from tuner.errors import render
+
+    return render(error, flag)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from tuner.errors import BAD_INPUT_ERRORS
+
+    return BAD_INPUT_ERRORS
 
 
 def one_line_errors(command: F) -> F:
@@ -73,7 +89,7 @@ def one_line_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except _bad_input_errors() as error:
-            fail(" ".join(str(error).split()))
+            fail(error_line(error))
 
     return wrapper  # type: ignore[return-value]
 
@@ -88,12 +104,12 @@ def _console() -> Console:
 @contextlib.contextmanager
 def _quiet_libraries(storage: str | None = None) -> Iterator[None]:
     """Optuna logs (with tracebacks) and library warnings stay out of the tuner's output; with ``storage``, database
-    errors inside the block become one-line :class:`~tuner.study.StorageError`."""
+    errors inside the block become one-line :class:`~tuner.errors.StorageError`."""
     import warnings
 
     import optuna
 
-    from tuner.study import storage_errors
+    from tuner.storage import storage_errors
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with contextlib.suppress(ImportError):
@@ -112,13 +128,22 @@ def _quiet_libraries(storage: str | None = None) -> Iterator[None]:
 @app.command()
 @one_line_errors
 def run(
+    ctx: typer.Context,
     budget: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Latency budget: a time (50ms, 0.05s), a speed-up over the unpruned model (2x) or a share of its "
-            "latency (60%). Per batch of --batch-size, for the evaluator's timed vision path."
+            help="Latency budget (required, here or in --config): a time (50ms, 0.05s), a speed-up over the unpruned "
+            "model (2x) or a share of its latency (60%). Per batch of --batch-size, for the evaluator's timed vision "
+            "path."
         ),
-    ],
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A recipe: a TOML file of run settings named like these options (budget = \"50ms\", batch_size = 8; "
+            "see studies/demo.toml). Options given on the command line override it."
+        ),
+    ] = None,
     trials: Annotated[
         int,
         typer.Option(help="Finished trials the study should hold; a resumed study runs only the missing ones.", min=1),
@@ -133,7 +158,7 @@ def run(
     storage: Annotated[
         str,
         typer.Option(help="Optuna storage URL (any SQLAlchemy URL; the SQLite file and its folder are created)."),
-    ] = "sqlite:///studies/tuner.db",
+    ] = DEFAULT_STORAGE,
     study: Annotated[
         str | None,
         typer.Option(help="Study name; default from model, task, device and budget (e.g. demo-cpu-50ms)."),
@@ -144,10 +169,15 @@ def run(
     dataset: Annotated[
         str | None, typer.Option(help="Dataset (folder, file or hub id) for the fidelity/zeroshot evaluators.")
     ] = None,
+    dataset_split: Annotated[
+        str | None,
+        typer.Option(help="The dataset's split (default: test, validation or train, whichever it has first)."),
+    ] = None,
     evaluator: Annotated[
         str | None,
         typer.Option(
-            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot."
+            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot, or "
+            "one an installed package adds."
         ),
     ] = None,
     calib: Annotated[
@@ -198,22 +228,23 @@ def run(
     """
     from tuner.api import run_study
     from tuner.progress import RunProgress
-    from tuner.study import RunOptions
 
-    options = RunOptions(
-        budget=budget, trials=trials, timeout=timeout, seed=seed, sampler=sampler, storage=storage, study=study,
-        model=model, dataset=dataset, evaluator=evaluator, calib=calib, holdout=holdout, batch_size=batch_size,
-        device=device, dtype=dtype, space=space, repeats=repeats, final_repeats=final_repeats,
-        latency_source=latency_source, prefer=prefer.value,
-    )  # fmt: skip
+    values: dict[str, Any] = {
+        "budget": budget, "trials": trials, "timeout": timeout, "seed": seed, "sampler": sampler, "storage": storage,
+        "study": study, "model": model, "dataset": dataset, "dataset_split": dataset_split, "evaluator": evaluator,
+        "calib": calib, "holdout": holdout, "batch_size": batch_size, "device": device, "dtype": dtype,
+        "space": space, "repeats": repeats, "final_repeats": final_repeats, "latency_source": latency_source,
+        "prefer": prefer.value,
+    }  # fmt: skip
+    options = _run_options(ctx, values, config)
     console = _console()
     progress = RunProgress(console)
-    with _quiet_libraries(storage):
+    with _quiet_libraries(options.storage):
         result = run_study(options, progress)
     if result.interrupted:
         running = "the running trial was finished first" if result.interrupted == "sigint" else (
             "the running trial is marked failed")  # fmt: skip
-        _report_interrupt(storage, result.study, _resume_command(options, result.study), running)
+        _report_interrupt(options.storage, result.study, _resume_command(options, result.study), running)
         raise typer.Exit(EXIT_INTERRUPTED)
     _print_selection(result.selection, progress, console)
     if result.schedule is None:
@@ -221,6 +252,25 @@ def run(
         raise typer.Exit(EXIT_NO_FEASIBLE)
     _print_chosen(result.schedule, result.best_path, console)
     console.print(f"plot: {result.plot_path}")
+
+
+def _run_options(ctx: typer.Context, values: dict[str, Any], config: Path | None) -> RunOptions:
+    """The run's :class:`~tuner.options.RunOptions`: the recipe's settings, overridden by the options given."""
+    from tuner.options import RunOptions, load_recipe
+
+    merged = dict(values)
+    if config is not None:
+        given = {name for name in values if _given(ctx, name)}
+        merged.update({name: value for name, value in load_recipe(config).items() if name not in given})
+    if merged["budget"] is None:
+        fail(f"missing option --budget{' (not in the config either)' if config else ''} (see `tuner run --help`)")
+    return RunOptions(**merged)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or in its environment variable), not defaulted."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _print_selection(selection: Any, progress: Any, console: Console) -> None:
@@ -252,12 +302,14 @@ def _resume_command(options: Any, study_name: str) -> str:
     import shlex
 
     words = ["python", "-m", "tuner", "run", "--budget", options.budget, "--study", study_name]
-    defaults = {"storage": "sqlite:///studies/tuner.db", "space": "family", "device": "auto", "dtype": "auto"}
-    for name in ("storage", "model", "dataset", "evaluator", "calib", "holdout", "batch_size", "space", "device",
-                 "dtype"):  # fmt: skip
+    defaults = {
+        "storage": DEFAULT_STORAGE, "space": "family", "device": "auto", "dtype": "auto", "latency_source": "measured"
+    }  # fmt: skip
+    for name in ("storage", "model", "dataset", "dataset_split", "evaluator", "calib", "holdout", "batch_size", "space",
+                 "device", "dtype", "latency_source"):  # fmt: skip
         value = getattr(options, name)
         if value is not None and value != defaults.get(name):
-            words += [f"--{name.replace('_', '-')}", str(value)]
+            words += [flag(name), str(value)]
     words += ["--trials", str(options.trials)]
     return shlex.join(words)
 
@@ -266,7 +318,7 @@ def _report_interrupt(storage: str, study_name: str, resume_hint: str, running: 
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.study import public_url
+    from tuner.storage import public_url
 
     finished = "some"
     with contextlib.suppress(Exception):
@@ -299,7 +351,8 @@ def _report_no_feasible(selection: Any, console: Console) -> None:
 
 
 def _open_context(storage: str, study: str | None) -> Any:
-    from tuner.study import StudyContext, load_study, open_storage
+    from tuner.storage import open_storage
+    from tuner.study import StudyContext, load_study
 
     backend = open_storage(storage, create=False)
     return StudyContext.load(load_study(backend, storage, study), storage)
@@ -318,7 +371,7 @@ StorageOption = Annotated[str, typer.Option(help="Optuna storage URL.")]
 @one_line_errors
 def export(
     study: StudyOption = None,
-    storage: StorageOption = "sqlite:///studies/tuner.db",
+    storage: StorageOption = DEFAULT_STORAGE,
     budget: Annotated[
         str | None, typer.Option(help="Choose for another budget than the study's (50ms, 2x, 60%).")
     ] = None,
@@ -359,14 +412,14 @@ def export(
 @one_line_errors
 def plot(
     study: StudyOption = None,
-    storage: StorageOption = "sqlite:///studies/tuner.db",
+    storage: StorageOption = DEFAULT_STORAGE,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="HTML file to write; default studies/<study>/pareto.html.")
     ] = None,
 ) -> None:
     """Write a study's Pareto plot (accuracy vs measured latency, budget line, baseline) as self-contained HTML."""
     from tuner.api import write_plot
-    from tuner.study import output_dir
+    from tuner.options import output_dir
 
     with _quiet_libraries(storage):
         context = _open_context(storage, study)
@@ -376,11 +429,13 @@ def plot(
 
 @app.command()
 @one_line_errors
-def studies(storage: StorageOption = "sqlite:///studies/tuner.db") -> None:
+def studies(storage: StorageOption = DEFAULT_STORAGE) -> None:
     """List the studies in a storage: trials finished of requested, budget, measured best, exported trial."""
     import optuna
 
-    from tuner.study import StudyContext, TunerError, open_storage, public_url, trial_records
+    from tuner.errors import StudyError
+    from tuner.storage import open_storage, public_url
+    from tuner.study import StudyContext, trial_records
 
     lines: list[str] = []
     with _quiet_libraries(storage):
@@ -390,7 +445,7 @@ def studies(storage: StorageOption = "sqlite:///studies/tuner.db") -> None:
             loaded = optuna.load_study(study_name=summary.study_name, storage=backend)
             try:
                 context = StudyContext.load(loaded, storage)
-            except TunerError:
+            except StudyError:
                 lines.append(f"{summary.study_name}: not a finished tuner study ({summary.n_trials} trials)")
                 continue
             lines += _study_lines(context, trial_records(loaded))
@@ -464,51 +519,28 @@ def apply_command(
 
     Exit 3 when the latency budget stored in the schedule's metrics is not met.
     """
-    import torch
+    from tuner.api import apply_schedule
+    from tuner.latency import BUDGET_RULE
 
-    from evaluators import LatencyMeter, MeasuredLatency, budget_verdict, parse_budget
-    from evaluators.latency import BUDGET_RULE
-    from evaluators.loading import resolve_device
-    from tuner.evoprune import Schedule, apply
-    from tuner.study import resolve_device_name, tune_allocator
-
-    tune_allocator()
-    loaded = Schedule.load(schedule)
-    provenance, metrics = loaded.provenance, loaded.metrics
-    found = provenance.get("evaluator_settings")
-    settings: dict[str, Any] = found if isinstance(found, dict) else {}
-    model_name = model or (settings.get("model") if settings.get("model") not in (None, "tuner.demo") else None)
-    size = batch_size or _positive_int(provenance.get("batch_size")) or _positive_int(settings.get("batch_size")) or 1
-    target = resolve_device(resolve_device_name(device))
     console = _console()
     with _quiet_libraries():
-        network, pixel_values, source_text = _model_and_inputs(model_name, image, size, target)
-        call = _forward_call(network, pixel_values)
-        with apply(network, loaded) as handle, torch.inference_mode():
-            call()
-            counts = list(handle.token_counts)
-            reductions = handle.ctr_reductions
-        source = MeasuredLatency(LatencyMeter(target, warmup=3))
-
-        def pruned_call() -> None:
-            with apply(network, loaded):
-                call()
-
-        paired = source.paired(call, pruned_call, loaded, rounds=repeats)
-        environment = source.environment()
-
+        result = apply_schedule(
+            schedule, model=model, image=image, batch_size=batch_size, device=device, repeats=repeats
+        )
+    loaded, paired, size = result.schedule, result.paired, result.batch_size
     console.print(
-        f"schedule: {loaded.describe()}\nmodel: {model_name or 'the demo model'}; inputs: {source_text}, batch {size}"
+        f"schedule: {loaded.describe()}\nmodel: {result.model_name or 'the demo model'}; inputs: {result.inputs}, "
+        f"batch {size}"
     )
     table = Table()
     for header in ("layer", "tokens in", "merged", "tokens out"):
         table.add_column(header, justify="right")
     tokens = loaded.tokens_in
-    for layer, (remove, out) in enumerate(zip(loaded.remove_per_layer, counts, strict=True)):
+    for layer, (remove, out) in enumerate(zip(loaded.remove_per_layer, result.token_counts, strict=True)):
         table.add_row(str(layer), str(tokens), str(remove) if remove else "", str(out))
         tokens = out
     console.print(table)
-    reduced = {layer: items for layer, items in reductions.items() if items}
+    reduced = {layer: items for layer, items in result.ctr_reductions.items() if items}
     if reduced:
         listed = ", ".join(f"layer {layer}: {items} of {size} items" for layer, items in reduced.items())
         console.print(
@@ -517,88 +549,18 @@ def apply_command(
     elif loaded.scoring.ctr > 0:
         console.print("CTR protection: as specified in every merging layer")
     before, after = paired.baseline_median_ms, paired.candidate_median_ms
+    environment = result.environment
     console.print(
         f"latency before: {before:.2f} ms, after: {after:.2f} ms, {1 / paired.ratio:.2f}x (median ratio "
         f"{paired.ratio:.3f} over {len(paired.ratios)} interleaved rounds{', noisy' if paired.noisy else ''}) on "
         f"{environment['device_name']} ({environment['threads']} threads)"
     )
-    budget_text = metrics.get("budget")
-    if isinstance(budget_text, str):
-        verdict = budget_verdict(paired, parse_budget(budget_text), before)
-        console.print(f"budget {budget_text}: {verdict.describe()}; rule: {BUDGET_RULE} (reference: before)")
-        if not verdict.met:
+    if result.verdict is not None:
+        console.print(
+            f"budget {loaded.metrics['budget']}: {result.verdict.describe()}; rule: {BUDGET_RULE} (reference: before)"
+        )
+        if not result.verdict.met:
             raise typer.Exit(EXIT_NO_FEASIBLE)
-
-
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _model_and_inputs(model_name: str | None, image: Path | None, batch: int, device: Any) -> tuple[Any, Any, str]:
-    """The model (eval mode, on ``device``) and one batch of inputs, with a word on where the inputs come from."""
-    import torch
-
-    from evaluators.loading import load_image_processor, load_model, resolve_dtype
-    from tuner.study import TunerError
-
-    if model_name is None:
-        from tuner.demo import SCENE_SIZE, eval_pool, load_demo_model, render_scenes
-
-        network: Any = load_demo_model(device=device)
-        if image is not None:
-            pixels = _image_tensor(image, SCENE_SIZE)
-            source = f"image {image}"
-        else:
-            digits, _ = eval_pool()
-            pixels, _, _ = render_scenes(digits[:batch], seed=0)
-            source = "demo scenes"
-    else:
-        network = load_model(model_name, device=device, dtype=resolve_dtype("auto", device))
-        config = getattr(network, "config", None)
-        vision = getattr(config, "vision_config", config)
-        side = int(getattr(vision, "image_size", 224))
-        if image is not None:
-            from PIL import Image, UnidentifiedImageError
-
-            processor = load_image_processor(model_name)
-            try:
-                picture = Image.open(image).convert("RGB")
-            except (OSError, UnidentifiedImageError) as error:
-                raise TunerError(f"cannot read image {str(image)!r}: {error}; give a PNG or JPEG file") from None
-            pixels = processor(images=[picture], return_tensors="pt")["pixel_values"].float()
-            source = f"image {image}"
-        else:
-            pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-            source = "random pixels (latency and token counts do not depend on pixel values)"
-    dtype = next(network.parameters()).dtype
-    picks = torch.arange(batch) % len(pixels)
-    return network, pixels[picks].to(device=device, dtype=dtype).contiguous(), source
-
-
-def _image_tensor(path: Path, side: int) -> Any:
-    """An image as the demo model takes it: RGB, ``side`` x ``side``, normalised to [-1, 1], batch of one."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from tuner.study import TunerError
-
-    try:
-        picture = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError) as error:
-        raise TunerError(f"cannot read image {str(path)!r}: {error}; give a PNG or JPEG file") from None
-    array = np.asarray(picture, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).sub(0.5).div(0.5)
-
-
-def _forward_call(network: Any, pixel_values: Any) -> Callable[[], Any]:
-    """The vision path on one batch, as the evaluators time it."""
-    from evaluators.fidelity import image_outputs
-
-    def forward() -> Any:
-        return image_outputs(network, pixel_values)
-
-    return forward
 
 
 # ------------------------------------------------------------------------------------------------- spaces and schema
@@ -666,6 +628,6 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except _bad_input_errors() as error:
-        typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+        typer.echo(f"error: {error_line(error)}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)

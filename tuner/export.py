@@ -5,7 +5,7 @@ budget by the budget rule) is ordered by preference (``accurate``: most accurate
 faster, then the lower trial number; ``fast``: fastest, then more accurate) and scored on the held-out slice, which the
 choice never looks at: it stays an honest check of what the search picked. Each finalist is measured again,
 interleaved with the unpruned model, and the first that meets the budget by the same rule
-(:func:`evaluators.latency.budget_verdict`) is chosen. When none does, the closest (smallest excess) is reported and
+(:func:`tuner.latency.budget_verdict`) is chosen. When none does, the closest (smallest excess) is reported and
 nothing is written.
 """
 
@@ -24,20 +24,21 @@ import optuna
 import torch
 import transformers
 
-from evaluators import Budget, BudgetVerdict, Evaluator, LatencySource, PairedLatency, budget_verdict
-from evaluators.latency import BASELINE_DRIFT, BUDGET_RULE
+from evaluators import Evaluator
 from tuner import __version__
 from tuner.evoprune import Schedule, apply
-from tuner.study import (
-    ATTR_FINAL,
-    ATTR_HOLDOUT_PREFIX,
-    StudyContext,
-    TrialRecord,
-    measure_schedule,
-    public_url,
-    trial_records,
-    unpruned_schedule,
+from tuner.latency import (
+    BASELINE_DRIFT,
+    BUDGET_RULE,
+    Budget,
+    BudgetVerdict,
+    LatencySource,
+    PairedLatency,
+    budget_verdict,
 )
+from tuner.measure import measure_schedule, unpruned_schedule
+from tuner.storage import public_url
+from tuner.study import ATTR_FINAL, ATTR_HOLDOUT_PREFIX, StudyContext, TrialRecord, trial_records
 
 __all__ = [
     "MAX_FINALISTS",
@@ -123,7 +124,6 @@ class Selection:
         budget: the budget chosen against.
         budget_ms: its limit in ms against the study's reference unpruned latency.
         prefer: ``accurate`` or ``fast``.
-        records: every finished trial.
         front: the feasible Pareto front (measured latency, budget rule).
         finalists: front schedules scored on the held-out slice, in preference order.
         chosen: the exported schedule, or None when no schedule meets the budget.
@@ -136,7 +136,6 @@ class Selection:
     budget: Budget
     budget_ms: float
     prefer: Prefer
-    records: list[TrialRecord]
     front: list[TrialRecord]
     finalists: list[Finalist] = field(default_factory=list)
     chosen: Finalist | None = None
@@ -191,7 +190,7 @@ def select_schedule(
     budget_ms = context.budget_ms(budget)
     records = trial_records(context.study)
     front = pareto_front(records, budget_ms)
-    selection = Selection(budget=budget, budget_ms=budget_ms, prefer=prefer, records=records, front=front)
+    selection = Selection(budget=budget, budget_ms=budget_ms, prefer=prefer, front=front)
     if not records:
         selection.notes.append("the study has no finished trial")
         return selection

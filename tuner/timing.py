@@ -1,11 +1,16 @@
-"""Wall-clock timing of model calls: CUDA events on a GPU, perf_counter on a CPU, interleaved candidates.
+"""Wall-clock timing of model calls: CUDA events on a GPU, perf_counter on a CPU, interleaved candidates; and the
+process conditions timings depend on (:func:`tune_allocator`).
 
-Shared by the latency evaluator and the benchmarks so both measure the same way (docs/latency.md).
+Shared by :mod:`tuner.latency` and the benchmarks so both measure the same way (docs/latency.md). Imports nothing of
+the project.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ def time_interleaved(
     device: torch.device | str,
     repeats: int = 10,
     warmup: int = 2,
+    alternate: bool = False,
 ) -> list[Timing]:
     """Time several candidates round-robin, so that a slow phase of a shared host hits them all alike.
 
@@ -57,6 +63,8 @@ def time_interleaved(
         device: where they run; CUDA is synchronised before the first timed call.
         repeats: timed rounds (the median of these is reported).
         warmup: untimed rounds first (allocator, kernels, caches).
+        alternate: run the candidates in reverse order every other round, so that no candidate always runs right
+            after another (a call measured a few percent faster or slower for its place in the round, on the demo).
 
     Returns:
         One :class:`Timing` per candidate, in order.
@@ -73,7 +81,37 @@ def time_interleaved(
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         timings = [Timing() for _ in candidates]
-        for _ in range(repeats):
-            for fn, timing in zip(candidates, timings, strict=True):
+        order = list(zip(candidates, timings, strict=True))
+        for round_index in range(repeats):
+            for fn, timing in reversed(order) if alternate and round_index % 2 else order:
                 timing.samples_ms.append(time_once(fn, device))
     return timings
+
+
+# ------------------------------------------------------------------------------------------------------- allocator
+
+_ALLOCATOR = {"tuned": False}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def tune_allocator() -> bool:
+    """Keep freed tensor memory in the process (glibc ``mallopt``), so latency does not depend on the process's past.
+
+    With glibc's defaults, large CPU tensors are mapped and unmapped on every forward (page faults), and the dynamic
+    thresholds change as a process runs: the same forward measured 25-35% slower in a fresh process than after a
+    calibration (demo, 2 cores). Raising the mmap threshold to 32 MiB and the trim threshold to 1 GiB removes that
+    history dependence (and the slowdown), so ``tuner run`` and ``tuner apply`` measure alike. The cost: up to about
+    1 GiB of freed memory stays with the process. Does nothing off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set.
+
+    Returns:
+        Whether the allocator is tuned.
+    """
+    if _ALLOCATOR["tuned"] or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _ALLOCATOR["tuned"]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        tuned = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        tuned = False
+    _ALLOCATOR["tuned"] = tuned
+    return tuned

@@ -9,6 +9,9 @@
 - :class:`LatencySource`: :class:`MeasuredLatency` (the default: real timings, re-measured while noisy) or
   :class:`SyntheticLatency` (a deterministic :class:`LatencyModel`, made for tests; never a measurement).
 - :func:`choose_batch_size` sizes a workload to the machine so that a budget in ms is reachable.
+
+It sits below the evaluators and the runner: it imports the engine (FLOPs, encoder shapes), :mod:`tuner.timing` and
+:mod:`tuner.errors`, nothing else of the project.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from evaluators.base import EvaluatorError
+from tuner.errors import BudgetError, LatencyError
 from tuner.evoprune import Schedule
 from tuner.evoprune.adapters import resolve_encoder
 from tuner.evoprune.flops import encoder_flops
@@ -62,10 +65,6 @@ BudgetKind = Literal["ms", "speedup", "share"]
 
 _BUDGET_FORMS = "give a time (50ms, 0.05s), a speed-up over the unpruned model (2x) or a share of its latency (60%)"
 _BUDGET_PATTERN = re.compile(r"^(?P<number>.*?)\s*(?P<unit>ms|s|x|×|%)$", re.IGNORECASE)
-
-
-class BudgetError(EvaluatorError):
-    """A latency budget that cannot be parsed or makes no sense; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -138,36 +137,36 @@ def parse_budget(text: str) -> Budget:
         invalid budget 'fast': give a time (50ms, 0.05s), a speed-up over the unpruned model (2x) or a share of ...
     """
     if not isinstance(text, str):
-        raise BudgetError(f"invalid budget {text!r}: {_BUDGET_FORMS}")
+        raise _invalid(text, _BUDGET_FORMS)
     stripped = text.strip()
     if not stripped:
-        raise BudgetError(f"invalid budget {text!r}: it is empty; {_BUDGET_FORMS}")
+        raise _invalid(text, f"it is empty; {_BUDGET_FORMS}")
     found = _BUDGET_PATTERN.match(stripped)
     if found is None:
-        raise BudgetError(f"invalid budget {text!r}: {_BUDGET_FORMS}")
+        raise _invalid(text, _BUDGET_FORMS)
     number_text, unit = found["number"], found["unit"].lower()
     try:
         number = float(number_text)
     except ValueError:
-        raise BudgetError(f"invalid budget {text!r}: {_BUDGET_FORMS}") from None
+        raise _invalid(text, _BUDGET_FORMS) from None
     if not math.isfinite(number):
-        raise BudgetError(f"invalid budget {text!r}: the number must be finite; give e.g. 50ms, 2x or 60%")
+        raise _invalid(text, "the number must be finite; give e.g. 50ms, 2x or 60%")
     if unit in ("ms", "s"):
         if number <= 0:
-            raise BudgetError(f"invalid budget {text!r}: a time must be greater than 0; give e.g. 50ms or 0.05s")
+            raise _invalid(text, "a time must be greater than 0; give e.g. 50ms or 0.05s")
         return Budget("ms", number * 1000.0 if unit == "s" else number, text)
     if unit in ("x", "×"):
         if number < 1:
-            raise BudgetError(
-                f"invalid budget {text!r}: a speed-up must be at least 1x (1x = as fast as the unpruned model); "
-                "give e.g. 2x"
-            )
+            raise _invalid(text, "a speed-up must be at least 1x (1x = as fast as the unpruned model); give e.g. 2x")
         return Budget("speedup", number, text)
     if not 0 < number <= 100:
-        raise BudgetError(
-            f"invalid budget {text!r}: a share of the unpruned latency must be in (0%, 100%]; give e.g. 60%"
-        )
+        raise _invalid(text, "a share of the unpruned latency must be in (0%, 100%]; give e.g. 60%")
     return Budget("share", number / 100.0, text)
+
+
+def _invalid(text: object, reason: str) -> BudgetError:
+    """The error for a budget that cannot be parsed (the message names the ``budget`` parameter)."""
+    return BudgetError(f"invalid budget {text!r}: {reason}", param="budget")
 
 
 # ----------------------------------------------------------------------------------------------------- measurement
@@ -230,7 +229,7 @@ def _positive_int(name: str, value: int | None, default: int, minimum: int) -> i
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EvaluatorError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise LatencyError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -274,7 +273,9 @@ class LatencyMeter:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
-            raise EvaluatorError(f"device {str(self.device)!r} is not available here (no CUDA); use --device cpu")
+            raise LatencyError(
+                f"{str(self.device)!r} is not available here (no CUDA); use device cpu", param="device"
+            )
         self.repeats = _positive_int("repeats", repeats, self.CUDA_REPEATS if cuda else self.CPU_REPEATS, 1)
         self.warmup = _positive_int("warmup", warmup, self.CUDA_WARMUP if cuda else self.CPU_WARMUP, 0)
         # On a CPU the thread count decides the latency: fix it. On CUDA, only when asked.
@@ -318,19 +319,24 @@ class LatencyMeter:
         """Latency of one zero-argument call (run under ``torch.inference_mode``)."""
         return self.measure_interleaved([call])[0]
 
-    def measure_interleaved(self, calls: Sequence[Callable[[], object]]) -> list[LatencyResult]:
+    def measure_interleaved(
+        self, calls: Sequence[Callable[[], object]], *, alternate: bool = False
+    ) -> list[LatencyResult]:
         """Latency of several calls, timed round-robin so that a slow phase of a shared host hits them all alike.
 
         Args:
             calls: zero-argument callables (put the baseline among them: ratios are what transfer).
+            alternate: reverse the order every other round (no call always runs right after another).
 
         Returns:
             One result per call, in order.
         """
         if not calls:
-            raise EvaluatorError("measure_interleaved needs at least one call")
+            raise LatencyError("measure_interleaved needs at least one call")
         self._apply_threads()
-        timings = time_interleaved(list(calls), self.device, repeats=self.repeats, warmup=self.warmup)
+        timings = time_interleaved(
+            list(calls), self.device, repeats=self.repeats, warmup=self.warmup, alternate=alternate
+        )
         name, threads = self.device_name(), torch.get_num_threads()
         return [
             LatencyResult(
@@ -373,7 +379,8 @@ def median_upper_bound(samples: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class PairedLatency:
-    """A schedule timed in rounds interleaved with the unpruned model: each round runs both, back to back.
+    """A schedule timed in rounds interleaved with the unpruned model: each round runs both, back to back (in
+    alternating order from round to round).
 
     A burst of load on a shared host slows both calls of a round alike, so the per-round ratio candidate / unpruned
     is far steadier than either time; the latency a study reports is that ratio times the study's reference
@@ -396,7 +403,7 @@ class PairedLatency:
 
     def __post_init__(self) -> None:
         if not self.candidate_ms or len(self.candidate_ms) != len(self.baseline_ms):
-            raise EvaluatorError("a paired latency needs as many baseline as candidate samples, at least one")
+            raise LatencyError("a paired latency needs as many baseline as candidate samples, at least one")
 
     @property
     def ratios(self) -> list[float]:
@@ -552,8 +559,8 @@ class MeasuredLatency(LatencySource):
         >>> from tuner.evoprune import Schedule
         >>> source = MeasuredLatency(LatencyMeter("cpu", threads=1, warmup=0))
         >>> paired = source.paired(lambda: sum(range(2000)), lambda: sum(range(1000)), Schedule.none(1, 4), rounds=5)
-        >>> len(paired.ratios), paired.source
-        (5, 'measured')
+        >>> len(paired.ratios) % 5, paired.source  # 5 rounds per attempt (tiny calls are noisy: often 2 or 3 attempts)
+        (0, 'measured')
     """
 
     name = "measured"
@@ -578,7 +585,7 @@ class MeasuredLatency(LatencySource):
         attempts = 0
         noisy = True
         while attempts < MAX_ATTEMPTS and noisy:
-            base, cand = meter.measure_interleaved([baseline, candidate])
+            base, cand = meter.measure_interleaved([baseline, candidate], alternate=True)
             baseline_ms += base.samples_ms
             candidate_ms += cand.samples_ms
             attempts += 1
@@ -707,29 +714,29 @@ class LatencyModel:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.baseline_ms) and self.baseline_ms > 0):
-            raise EvaluatorError(f"latency model: baseline_ms must be a positive number, got {self.baseline_ms!r}")
+            raise LatencyError(f"latency model: baseline_ms must be a positive number, got {self.baseline_ms!r}")
         if not 0.0 <= self.fixed_share <= MAX_FIXED_SHARE:
-            raise EvaluatorError(
+            raise LatencyError(
                 f"latency model: fixed_share must be in [0, {MAX_FIXED_SHARE}], got {self.fixed_share!r}"
             )
         for name in ("merge_share", "attention_share", "knn_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise EvaluatorError(f"latency model: {name} must be in [0, 1], got {value!r}")
+                raise LatencyError(f"latency model: {name} must be in [0, 1], got {value!r}")
         for name in ("flops_native", "hidden_size", "intermediate_size", "num_layers", "tokens_in"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise EvaluatorError(f"latency model: {name} must be an integer >= 1, got {value!r}")
+                raise LatencyError(f"latency model: {name} must be an integer >= 1, got {value!r}")
         expected = self.flops(Schedule.none(self.num_layers, self.tokens_in))
         if self.flops_native != expected:
-            raise EvaluatorError(
+            raise LatencyError(
                 f"latency model: flops_native {self.flops_native} does not match the encoder's dimensions ({expected})"
             )
 
     def flops(self, schedule: Schedule) -> int:
         """FLOPs of the encoder layers under ``schedule`` (CLS counted from the model, not the schedule)."""
         if schedule.num_layers != self.num_layers or schedule.tokens_in != self.tokens_in:
-            raise EvaluatorError(
+            raise LatencyError(
                 f"the schedule is for {schedule.num_layers} layers x {schedule.tokens_in} tokens but the latency "
                 f"model for {self.num_layers} x {self.tokens_in}"
             )
@@ -768,14 +775,14 @@ class LatencyModel:
         """Rebuild a model from :meth:`to_dict` output (the shares may be absent).
 
         Raises:
-            EvaluatorError: not a dict, or a missing, unknown or mistyped field.
+            LatencyError: not a dict, or a missing, unknown or mistyped field.
         """
         if not isinstance(document, dict):
-            raise EvaluatorError(f"a latency model must be a JSON object, got {type(document).__name__}")
+            raise LatencyError(f"a latency model must be a JSON object, got {type(document).__name__}")
         missing = [name for name in _REQUIRED_FIELDS if name not in document]
         unknown = sorted(set(document) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
         if missing or unknown:
-            raise EvaluatorError(f"latency model: missing fields {missing}, unknown fields {unknown}")
+            raise LatencyError(f"latency model: missing fields {missing}, unknown fields {unknown}")
         try:
             return cls(
                 baseline_ms=_as_float(document["baseline_ms"]),
@@ -789,7 +796,7 @@ class LatencyModel:
                 **{name: _as_float(document.get(name, 0.0)) for name in _OPTIONAL_FIELDS},
             )
         except TypeError as error:
-            raise EvaluatorError(f"latency model: {error}") from None
+            raise LatencyError(f"latency model: {error}") from None
 
 
 def _as_float(value: Any) -> float:
@@ -857,6 +864,9 @@ OVER_BUDGET = 1.3
 REACH_MARGIN = 0.85
 """... and keeps the probe schedule at or under this share of the budget (so pruning can meet it with room)."""
 
+MIN_OVER_BUDGET = 1.1
+"""A chosen batch whose unpruned latency is under this multiple of the budget is reported as tight."""
+
 
 def choose_batch_size(
     measure: Callable[[int], tuple[float, float]],
@@ -915,4 +925,9 @@ def choose_batch_size(
         f"{budget_ms:.1f} ms (aimed at {OVER_BUDGET:g}x the budget unpruned, the probe within {REACH_MARGIN:.0%} of "
         f"it; fitted from batches {small} and {large} measured on this machine)"
     )
+    if unpruned < MIN_OVER_BUDGET * budget_ms or pruned > budget_ms:
+        reason += (
+            "; on this machine pruning cannot put much room between the unpruned model and the budget at any batch: "
+            "expect few schedules to meet it"
+        )
     return WorkloadChoice(batch, unpruned, pruned, reason)
