@@ -472,13 +472,12 @@ def test_a_recipe_with_an_unknown_key_is_a_one_line_error(tuner_workdir: Path, t
 
 
 def test_the_committed_recipes_are_valid() -> None:
-    from tuner.api import validate
     from tuner.options import RunOptions, load_recipe
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
     assert recipes, "studies/ holds no recipe"
     for path in recipes:
-        validate(RunOptions(**load_recipe(path)))
+        RunOptions(**load_recipe(path)).validate()
 
 
 def test_library_errors_name_the_flags(tuner_workdir: Path, tuner_cli: Cli) -> None:

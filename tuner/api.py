@@ -23,7 +23,7 @@ from evaluators.loading import resolve_device, resolve_dtype
 from tuner.errors import TunerError
 from tuner.evoprune import Schedule
 from tuner.export import Prefer, Selection, exported_schedule, pareto_front, select_schedule, write_export
-from tuner.latency import Budget, BudgetVerdict, PairedLatency, WorkloadChoice, parse_budget
+from tuner.latency import BudgetVerdict, PairedLatency, WorkloadChoice, parse_budget
 from tuner.measure import latency_source_for, size_workload
 from tuner.options import (
     RunOptions,
@@ -133,11 +133,6 @@ class RunResult:
         return 0 if self.schedule is not None else EXIT_NO_FEASIBLE
 
 
-def validate(options: RunOptions) -> Budget:
-    """``options.validate()``: every setting checked before any model loads or the storage is touched."""
-    return options.validate()
-
-
 def _stored_settings(storage: optuna.storages.RDBStorage, url: str, name: str) -> dict[str, Any] | None:
     with storage_errors(url):
         try:
@@ -152,9 +147,9 @@ def _stored_settings(storage: optuna.storages.RDBStorage, url: str, name: str) -
 def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult:
     """Run (or resume) a study, then choose, check and export its schedule and write its plot.
 
-    Every setting is checked before any model loads (:func:`validate`, then the storage). A new demo study with a
-    budget in ms and no batch size gets its workload sized to this machine (:func:`tuner.measure.size_workload`); a
-    resumed one keeps the batch it was created with.
+    Every setting is checked before any model loads (:meth:`RunOptions.validate`, then the storage). A new demo
+    study with a budget in ms and no batch size gets its workload sized to this machine
+    (:func:`tuner.measure.size_workload`); a resumed one keeps the batch it was created with.
 
     Args:
         options: the run's settings.
@@ -164,7 +159,7 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         What happened; :attr:`RunResult.exit_code` is the CLI's exit code.
     """
     events = events or QuietEvents()
-    budget = validate(options)
+    budget = options.validate()
     tune_allocator()
     study_name = options.study or default_study_name(
         options.model, options.evaluator_name, options.dataset, resolve_device_name(options.device), budget
