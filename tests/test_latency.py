@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+import tuner.timing
 from tuner.errors import LatencyError, TunerError
 from tuner.evoprune import Schedule, Scoring
 from tuner.evoprune.flops import encoder_flops
@@ -363,30 +364,43 @@ def test_one_budget_rule_for_every_kind_of_budget() -> None:
 
 
 class ScriptedCalls:
-    """Two zero-argument calls whose durations follow a script (sleep), to drive MeasuredLatency deterministically."""
+    """Two zero-argument calls whose durations follow a script, on a fake clock: deterministic on a loaded machine.
+
+    Sleeping for the scripted time would not be: on a busy 2-core CI runner a 10 ms sleep overshoots by several
+    percent, the steady script then reads as noisy and is measured again past its end.
+    """
 
     def __init__(self, baseline_ms: list[float], candidate_ms: list[float]) -> None:
         self.baseline_ms, self.candidate_ms = iter(baseline_ms), iter(candidate_ms)
+        self.now_s = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now_s
 
     def baseline(self) -> None:
-        time.sleep(next(self.baseline_ms) / 1000.0)
+        self.now_s += next(self.baseline_ms) / 1000.0
 
     def candidate(self) -> None:
-        time.sleep(next(self.candidate_ms) / 1000.0)
+        self.now_s += next(self.candidate_ms) / 1000.0
+
+    def installed(self, monkeypatch: pytest.MonkeyPatch) -> ScriptedCalls:
+        """Make tuner.timing read this script's clock (only there: pytest keeps its own)."""
+        monkeypatch.setattr(tuner.timing, "time", types.SimpleNamespace(perf_counter=self.perf_counter))
+        return self
 
 
-def test_a_noisy_measurement_is_measured_again_and_flagged() -> None:
+def test_a_noisy_measurement_is_measured_again_and_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
     meter = LatencyMeter("cpu", threads=1, warmup=0)
     schedule = Schedule.none(LAYERS, 64)
-    steady = ScriptedCalls([20.0] * 4, [10.0] * 4)
+    steady = ScriptedCalls([20.0] * 4, [10.0] * 4).installed(monkeypatch)
     paired = MeasuredLatency(meter).paired(steady.baseline, steady.candidate, schedule, rounds=4, reference_ms=20.0)
-    assert paired.attempts == 1 and not paired.noisy and paired.ratio == pytest.approx(0.5, rel=0.2)
+    assert paired.attempts == 1 and not paired.noisy and paired.ratio == pytest.approx(0.5)
     # Every attempt swings the candidate between 5 and 20 ms: re-measured up to MAX_ATTEMPTS, samples pooled, flagged.
-    swinging = ScriptedCalls([20.0] * 12, [5.0, 20.0, 5.0, 20.0] * 3)
+    swinging = ScriptedCalls([20.0] * 12, [5.0, 20.0, 5.0, 20.0] * 3).installed(monkeypatch)
     paired = MeasuredLatency(meter).paired(swinging.baseline, swinging.candidate, schedule, rounds=4)
     assert paired.attempts == MAX_ATTEMPTS and paired.noisy and len(paired.ratios) == 4 * MAX_ATTEMPTS
     # A baseline far from the study's reference (a loaded machine) is measured again too.
-    moved = ScriptedCalls([20.0] * 12, [10.0] * 12)
+    moved = ScriptedCalls([20.0] * 12, [10.0] * 12).installed(monkeypatch)
     paired = MeasuredLatency(meter).paired(moved.baseline, moved.candidate, schedule, rounds=4, reference_ms=10.0)
     assert paired.attempts == MAX_ATTEMPTS and paired.noisy
 
