@@ -78,5 +78,6 @@ class KeepRatiosSpace(SearchSpace):
             before, after = schedule.tokens_before(), schedule.tokens_after()
             ratios = [round(out / count, _DECIMALS) for count, out in zip(before, after, strict=True)]
             keep = {f"keep_{layer}": ratio for layer, ratio in enumerate(ratios)}
-            points.append(SeedPoint(point.label, {**keep, **DEFAULT_SCORING_PARAMS}))
+            scoring = {name: point.params[name] for name in DEFAULT_SCORING_PARAMS}
+            points.append(SeedPoint(point.label, {**keep, **scoring}))
         return points

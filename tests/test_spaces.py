@@ -60,7 +60,7 @@ def test_every_sampled_schedule_is_valid_and_reproducible(space_name: str, shape
 
 
 @pytest.mark.parametrize("space_name", ["family", "keep_ratios"])
-def test_seed_points_are_no_pruning_then_the_paper_skip_default(space_name: str) -> None:
+def test_seed_points_are_no_pruning_the_paper_skip_default_then_front_loaded(space_name: str) -> None:
     space = get_space(space_name)
     shape = EncoderShape(24, 576, "clip", True)
     points = space.distinct_seed_points(shape)
@@ -70,23 +70,33 @@ def test_seed_points_are_no_pruning_then_the_paper_skip_default(space_name: str)
         "paper skip default, 50% tokens",
         "paper skip default, 25% tokens",
         "paper skip default, 12% tokens",
+        "front-loaded, no attention statistics, 25% tokens",
+        "front-loaded, no attention statistics, 12% tokens",
     ]
     assert schedules[0].is_empty
-    assert [s.tokens_out for s in schedules[1:]] == [288, 144, 69]
-    for schedule in schedules[1:]:
+    assert [s.tokens_out for s in schedules[1:]] == [288, 144, 69, 144, 69]
+    for schedule in schedules[1:4]:
         assert schedule.scoring == Scoring()
         assert schedule.merge_layers == list(range(0, 24, 2))
         assert (
             schedule.remove_per_layer
             == Schedule.preset("skip", num_layers=24, tokens_in=576, tokens_out=schedule.tokens_out).remove_per_layer
         )
+    for schedule in schedules[4:]:
+        # The paper's scoring without CTR (no attention statistics); Decreasing alpha 3.5 puts most merging first.
+        assert schedule.scoring == Scoring(ctr=0.0)
+        expected = Schedule.preset(
+            "decreasing", num_layers=24, tokens_in=576, tokens_out=schedule.tokens_out, alpha=3.5
+        )
+        assert schedule.remove_per_layer == expected.remove_per_layer
+        assert schedule.remove_per_layer[0] == max(schedule.remove_per_layer)
 
 
 def test_seed_points_that_coincide_on_a_shallow_encoder_are_enqueued_once() -> None:
     space = get_space("family")
     shape = EncoderShape(6, 64, "clip", True)  # skip over 3 layers cannot go below 16 of 64 tokens
     tokens = [space.to_schedule(p.params, shape).tokens_out for p in space.distinct_seed_points(shape)]
-    assert tokens == [64, 32, 16]
+    assert tokens == [64, 32, 16, 16, 8]  # skip to 12% is skip to 25% here; front-loaded 25% merges differently
 
 
 def test_family_clamps_to_the_smallest_reachable_token_count() -> None:
