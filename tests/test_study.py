@@ -79,6 +79,8 @@ def test_new_study_is_set_up_with_metric_names_settings_and_seed_trials(
         "no pruning",
         "paper skip default, 50% tokens",
         "paper skip default, 25% tokens",
+        "front-loaded, no attention statistics, 25% tokens",
+        "front-loaded, no attention statistics, 12% tokens",
     ]
     assert context.reference_ms > 0 and context.baseline["accuracy_calib"] > 0
     assert context.latency_source == "measured" and len(context.baseline["latency_blocks_ms"]) == 4
@@ -93,18 +95,18 @@ def test_identical_schedules_are_evaluated_once_also_across_resume(
     params = get_space("family").seed_points(context.shape)[1].params
     context.study.enqueue_trial(params)  # the same schedule as the 50% seed point
     runner = _runner(context, tiny_demo_evaluator)
-    runner.run(total_trials=4, timeout=None)
-    assert runner.evaluations == 3
+    runner.run(total_trials=6, timeout=None)  # the five seed trials, then the duplicate
+    assert runner.evaluations == 5
     duplicate = [r for r in trial_records(context.study) if r.evaluation["duplicate_of"] is not None]
-    assert [(r.number, r.evaluation["duplicate_of"]) for r in duplicate] == [(3, 1)]
+    assert [(r.number, r.evaluation["duplicate_of"]) for r in duplicate] == [(5, 1)]
     assert duplicate[0].accuracy == trial_records(context.study)[1].accuracy
 
     resumed = _study(tmp_path, tiny_demo_evaluator)  # a new session on the same storage
     resumed.study.enqueue_trial(params)
     again = _runner(resumed, tiny_demo_evaluator)
-    again.run(total_trials=5, timeout=None)
+    again.run(total_trials=7, timeout=None)
     assert again.evaluations == 0
-    assert [r.number for r in trial_records(resumed.study)] == [0, 1, 2, 3, 4]
+    assert [r.number for r in trial_records(resumed.study)] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_constraint_marks_trials_over_the_budget_and_front_matches_optuna(
