@@ -321,7 +321,8 @@ class SearchSpace(ABC):
 
     @abstractmethod
     def seed_points(self, shape: EncoderShape) -> list[SeedPoint]:
-        """No pruning, then the paper's Skip default (``Scoring()``, stride 2) at :data:`SEED_KEEP_SHARES`."""
+        """No pruning, the paper's Skip default (``Scoring()``, stride 2) at :data:`SEED_KEEP_SHARES`, then front-loaded
+        schedules without attention statistics (:data:`search_spaces.family.FAST_SEED_KEEP_SHARES`)."""
 
     def distinct_seed_points(self, shape: EncoderShape) -> list[SeedPoint]:
         """:meth:`seed_points` without those that give the same schedule as an earlier one on ``shape``.
