@@ -4,6 +4,7 @@ Every module of ``tuner``, ``evaluators`` and ``search_spaces`` (and the benchma
 import counts, at the top of a module or inside a function (``TYPE_CHECKING`` blocks too). From the bottom up:
 
 0. the engine ``tuner.evoprune`` and the demo model ``tuner.demo`` (and the ``tuner`` package's ``__init__``);
+0b. ``tuner.mllm`` (multimodal LLMs prepared with the engine: prompts rewritten to the pruned token count);
 1. ``tuner.errors``, ``tuner.timing``, ``tuner.registry``;
 2. ``tuner.latency`` (budgets, measurement, the budget rule);
 3. ``evaluators`` (accuracy tasks) and ``search_spaces``;
@@ -27,6 +28,7 @@ PACKAGES = ("tuner", "evaluators", "search_spaces")
 
 LAYERS: list[tuple[str, ...]] = [
     ("tuner", "tuner.evoprune", "tuner.demo"),
+    ("tuner.mllm",),
     ("tuner.errors", "tuner.timing", "tuner.registry"),
     ("tuner.latency",),
     ("evaluators", "search_spaces"),

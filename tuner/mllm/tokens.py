@@ -1,0 +1,155 @@
+"""Rewrite a prompt's image-token runs to the pruned count: pure tensor functions, no model knowledge.
+
+A multimodal LLM's processor expands each image placeholder into a run of ``native`` image tokens, and the model
+checks that ``input_ids`` holds exactly as many image tokens as the vision tower returns features. After in-encoder
+merging each image yields ``pruned`` features, so each run must shrink to ``pruned`` tokens; the text around it, its
+order and the padding convention of the batch stay as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["IGNORE_INDEX", "RewrittenPrompt", "image_runs", "rewrite_image_runs"]
+
+IGNORE_INDEX = -100
+"""Label of a position the loss ignores (the convention of transformers' causal LMs)."""
+
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class RewrittenPrompt:
+    """A batch whose image runs were shrunk to the pruned count.
+
+    Attributes:
+        input_ids: ``[B, L']`` token ids, re-padded on the batch's padding side.
+        attention_mask: ``[B, L']`` 1 for real tokens, 0 for padding (None when none was given).
+        labels: ``[B, L']`` labels with the kept image positions' labels and ``IGNORE_INDEX`` on new padding (None
+            when none were given).
+        images_per_row: how many images each row holds.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None
+    images_per_row: list[int]
+
+
+def image_runs(row: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each maximal run of ``image_token_id`` in a 1-D row of token ids.
+
+    Example:
+        >>> image_runs(torch.tensor([5, 9, 9, 9, 6, 9, 9]), 9)
+        [(1, 3), (5, 2)]
+    """
+    is_image = (row == image_token_id).to(torch.int8)
+    if not bool(is_image.any()):
+        return []
+    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
+    starts = torch.nonzero(edges == 1).flatten().tolist()
+    ends = torch.nonzero(edges == -1).flatten().tolist()
+    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+def rewrite_image_runs(
+    input_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    native: int,
+    pruned: int,
+    pad_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    padding_side: PaddingSide | None = None,
+) -> RewrittenPrompt:
+    """Shrink every image's run of ``native`` image tokens to ``pruned`` tokens, row by row.
+
+    A run of ``k * native`` tokens is ``k`` adjacent images and becomes ``k * pruned`` tokens; the first positions of
+    the run are kept (their mask and label values with them). Rows are then re-padded to the longest: on the side the
+    attention mask shows padding on, else ``padding_side``, else the left (what generation needs).
+
+    Args:
+        input_ids: ``[B, L]`` token ids as the processor made them.
+        image_token_id: the id of the image placeholder token.
+        native: image tokens per image in the prompt (the encoder's unpruned feature count).
+        pruned: features per image after merging.
+        pad_token_id: id written on new padding positions.
+        attention_mask: ``[B, L]`` or None.
+        labels: ``[B, L]`` or None.
+        padding_side: padding side when the mask does not tell (no row is padded); None for the left.
+
+    Returns:
+        The rewritten batch (see :class:`RewrittenPrompt`).
+
+    Raises:
+        ValueError: a run whose length is not a multiple of ``native`` (a prompt not made for this model's image
+            size), shapes that disagree, or ``pruned`` outside ``1..native``.
+
+    Example:
+        >>> ids = torch.tensor([[0, 7, 9, 9, 9, 9, 8], [7, 9, 9, 9, 9, 8, 8]])
+        >>> mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+        >>> out = rewrite_image_runs(ids, image_token_id=9, native=4, pruned=2, pad_token_id=0, attention_mask=mask)
+        >>> out.input_ids.tolist(), out.attention_mask.tolist()
+        ([[0, 7, 9, 9, 8], [7, 9, 9, 8, 8]], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+        if tensor is not None and tensor.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids {tuple(input_ids.shape)}")
+    if not 1 <= pruned <= native:
+        raise ValueError(f"pruned must be in 1..{native} (the native count), got {pruned}")
+    side = _padding_side(attention_mask, padding_side)
+    rows_ids, rows_mask, rows_labels, images = [], [], [], []
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row]
+        if attention_mask is not None:
+            # Only real tokens are rewritten; the row is padded again below.
+            real = attention_mask[row].bool()
+            ids = ids[real]
+        keep = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        count = 0
+        for start, length in image_runs(ids, image_token_id):
+            if length % native:
+                raise ValueError(
+                    f"row {row} has a run of {length} image tokens, not a multiple of {native} per image: the "
+                    "prompt was not made by this model's processor (another image size?)"
+                )
+            count += length // native
+            keep[start + (length // native) * pruned : start + length] = False
+        images.append(count)
+        rows_ids.append(ids[keep])
+        if attention_mask is not None:
+            rows_mask.append(attention_mask[row][attention_mask[row].bool()][keep])
+        if labels is not None:
+            row_labels = labels[row][attention_mask[row].bool()] if attention_mask is not None else labels[row]
+            rows_labels.append(row_labels[keep])
+    width = max(ids.shape[0] for ids in rows_ids)
+    new_ids = _pad(rows_ids, width, pad_token_id, side)
+    new_mask = _pad(rows_mask, width, 0, side) if attention_mask is not None else None
+    new_labels = _pad(rows_labels, width, IGNORE_INDEX, side) if labels is not None else None
+    if attention_mask is None and any(ids.shape[0] < width for ids in rows_ids):
+        # Rows of different image counts now differ in length: the padding must be masked.
+        new_mask = _pad([torch.ones_like(ids) for ids in rows_ids], width, 0, side)
+    return RewrittenPrompt(new_ids, new_mask, new_labels, images)
+
+
+def _padding_side(attention_mask: torch.Tensor | None, fallback: PaddingSide | None) -> PaddingSide:
+    if attention_mask is not None and attention_mask.numel():
+        if bool((attention_mask[:, 0] == 0).any()):
+            return "left"
+        if bool((attention_mask[:, -1] == 0).any()):
+            return "right"
+    return fallback or "left"
+
+
+def _pad(rows: list[torch.Tensor], width: int, value: int, side: PaddingSide) -> torch.Tensor:
+    padded = []
+    for row in rows:
+        filler = row.new_full((width - row.shape[0],), value)
+        padded.append(torch.cat([filler, row]) if side == "left" else torch.cat([row, filler]))
+    return torch.stack(padded)
