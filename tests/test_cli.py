@@ -326,7 +326,9 @@ def test_spaces_lists_spaces_with_parameters(tuner_cli: Cli) -> None:
     assert "w_div:" in result.out and "keep_<layer>:" in result.out
 
 
-@pytest.mark.parametrize("command", ["run", "export", "plot", "studies", "apply", "spaces", "schema"])
+@pytest.mark.parametrize(
+    "command", ["run", "export", "plot", "report", "dashboard", "studies", "apply", "spaces", "schema"]
+)
 def test_every_command_has_help(command: str, tuner_cli: Cli) -> None:
     result = tuner_cli(command, "--help")
     assert result.code == 0

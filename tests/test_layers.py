@@ -10,8 +10,8 @@ import counts, at the top of a module or inside a function (``TYPE_CHECKING`` bl
 3. ``evaluators`` (accuracy tasks) and ``search_spaces``;
 4. ``tuner.storage`` and ``tuner.options``;
 5. ``tuner.measure`` and ``tuner.study``;
-6. ``tuner.export`` and ``tuner.plots``;
-7. ``tuner.api`` and ``tuner.progress``;
+6. ``tuner.export``, ``tuner.plots``, ``tuner.figures`` and ``tuner.tables``;
+7. ``tuner.api``, ``tuner.progress``, ``tuner.dashboard`` and ``tuner.report``;
 8. ``tuner.cli``, and ``tuner.__main__`` at the top.
 """
 
@@ -34,14 +34,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluators", "search_spaces"),
     ("tuner.storage", "tuner.options"),
     ("tuner.measure", "tuner.study"),
-    ("tuner.export", "tuner.plots"),
-    ("tuner.api", "tuner.progress"),
+    ("tuner.export", "tuner.plots", "tuner.figures", "tuner.tables"),
+    ("tuner.api", "tuner.progress", "tuner.dashboard", "tuner.report"),
     ("tuner.cli",),
     ("tuner.__main__",),
 ]
 """Each layer's modules (a name covers its submodules), from the bottom up."""
 
-RUNNER = ("tuner.study", "tuner.api", "tuner.cli", "tuner.export", "tuner.plots", "tuner.progress", "tuner.storage")
+RUNNER = ("tuner.study", "tuner.api", "tuner.cli", "tuner.export", "tuner.plots", "tuner.progress", "tuner.storage",
+          "tuner.figures", "tuner.tables", "tuner.dashboard", "tuner.report")  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -20,6 +20,7 @@ import optuna
 
 from evaluators import Evaluator, get_evaluator
 from evaluators.loading import resolve_device, resolve_dtype
+from tuner.dashboard import FigurePublisher
 from tuner.errors import TunerError
 from tuner.evoprune import Schedule
 from tuner.export import Prefer, Selection, exported_schedule, pareto_front, select_schedule, write_export
@@ -194,8 +195,14 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         f"{context.reference_ms:.2f} ms at batch size {task.batch_size}, latency {context.latency_source})"
     )
     result = RunResult(study_name, public_url(options.storage), context, resumed, workload=workload)
+    publisher = FigurePublisher(context, note=events.note)
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        events.trial(outcome)
+        publisher.trial_finished()  # the dashboard's figures, now and then (never fails the trial)
+
     source = latency_source_for(options.latency_source, task)
-    runner = StudyRunner(context, task, source, options.sampler, options.seed, options.repeats, on_trial=events.trial)
+    runner = StudyRunner(context, task, source, options.sampler, options.seed, options.repeats, on_trial=on_trial)
     if len(records) >= options.trials:
         runner.study.set_user_attr(ATTR_REQUESTED, options.trials)
         events.note(f"the study already holds {len(records)} finished trials (--trials {options.trials})")
@@ -235,6 +242,7 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         stale = best.with_name("best.stale.json")
         best.replace(stale)
         selection.notes.append(f"moved the earlier {best} to {stale}: this run found no schedule that meets the budget")
+    FigurePublisher(context, note=events.note).publish()  # the dashboard's figures with the export marked
     return result
 
 
@@ -270,6 +278,7 @@ def export_study(
         rounds=final_repeats,
         note=events.note,  # type: ignore[arg-type]
     )
+    FigurePublisher(context, note=events.note).publish()  # the dashboard's figures show the new choice
     if selection.chosen is None:
         return selection, None, None
     if output is None:

@@ -1,4 +1,4 @@
-"""The ``tuner`` command line: run, export, plot, studies, apply, spaces, schema.
+"""The ``tuner`` command line: run, export, plot, report, dashboard, studies, apply, spaces, schema.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix, no traceback, nothing stored is
 lost); 3 no schedule meets the budget (the closest is shown, the plot is still written); 130 interrupted (what is
@@ -425,6 +425,55 @@ def plot(
         context = _open_context(storage, study)
         path = write_plot(context, output or output_dir(context.name) / "pareto.html")
     typer.echo(f"plot: {path}")
+
+
+@app.command()
+@one_line_errors
+def report(
+    study: StudyOption = None,
+    storage: StorageOption = DEFAULT_STORAGE,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HTML file to write; default studies/<study>/report.html.")
+    ] = None,
+) -> None:
+    """Write a study's report: one self-contained HTML file (works offline) with the tuner's figures, the Pareto table
+    (calibration and held-out accuracy, measured latency with its spread, tokens), the exported schedule, and the
+    machine and versions it was measured on."""
+    from tuner.options import output_dir
+    from tuner.report import write_report
+
+    with _quiet_libraries(storage):
+        context = _open_context(storage, study)
+        path = write_report(context, output or output_dir(context.name) / "report.html")
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+@one_line_errors
+def dashboard(
+    storage: StorageOption = DEFAULT_STORAGE,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).", min=0, max=65535)] = 8080,
+) -> None:
+    """Browse the studies in optuna-dashboard, with the tuner's figures and a summary note in each study.
+
+    Safe beside a running study: the SQLite file is in WAL mode, so reading it never blocks the run. Ctrl-C stops.
+    """
+    from tuner.dashboard import start_dashboard
+
+    with _quiet_libraries(storage):
+        board = start_dashboard(storage, host, port, note=lambda line: typer.echo(f"· {line}"))
+        listed = ", ".join(board.studies) if board.studies else "none yet (start one with `tuner run`)"
+        typer.echo(f"dashboard: {board.url} (storage {board.storage_url}; tuner studies: {listed}; Ctrl-C stops it)")
+        sys.stdout.flush()
+        try:
+            board.serve_forever()
+        except KeyboardInterrupt:
+            typer.echo("dashboard stopped")
+        finally:
+            board.close()
 
 
 @app.command()

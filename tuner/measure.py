@@ -13,7 +13,7 @@ from typing import Any
 from evaluators import Evaluator
 from search_spaces import EncoderShape
 from tuner.errors import StudyError, TunerError
-from tuner.evoprune import Schedule, Scoring
+from tuner.evoprune import Schedule, Scoring, apply
 from tuner.latency import (
     Budget,
     LatencyMeter,
@@ -65,9 +65,10 @@ def unpruned_schedule(shape: EncoderShape) -> Schedule:
 def pruned_call(evaluator: Evaluator, schedule: Schedule) -> Callable[[], None]:
     """The evaluator's timed call under ``schedule`` (applied and removed around each call: microseconds)."""
     native_call = evaluator.latency_call()
+    model = evaluator.model
 
     def call() -> None:
-        with evaluator.applied(schedule):
+        with apply(model, schedule):
             native_call()
 
     return call
