@@ -1,12 +1,13 @@
 """Evaluators: the accuracy tasks the tuner scores schedules on, and their calibration splits.
 
-Importing this package registers the built-in evaluators (``demo``, ``fidelity``, ``zeroshot``); installed packages
-add theirs through the ``tuner.evaluators`` entry-point group. Budgets and latency live in :mod:`tuner.latency`.
+Importing this package registers the built-in evaluators (``demo``, ``fidelity``, ``zeroshot``, and the LLaVA tasks
+``pope``, ``mme``, ``scienceqa``, ``mmbench``, ``mllm``); installed packages add theirs through the
+``tuner.evaluators`` entry-point group. Budgets and latency live in :mod:`tuner.latency`.
 
 Example:
     >>> from evaluators import available_evaluators, get_evaluator
     >>> available_evaluators()
-    ['demo', 'fidelity', 'zeroshot']
+    ['demo', 'fidelity', 'mllm', 'mmbench', 'mme', 'pope', 'scienceqa', 'zeroshot']
     >>> get_evaluator("demo").default_calib
     256
 """
@@ -23,6 +24,7 @@ from evaluators.base import (
 from evaluators.calibration import random_split, resolve_sizes, stratified_split
 from evaluators.demo import DemoEvaluator
 from evaluators.fidelity import FidelityEvaluator
+from evaluators.mllm import MllmEvaluator
 from evaluators.zeroshot import ZeroShotEvaluator
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "EvaluatorError",
     "EvaluatorOptions",
     "FidelityEvaluator",
+    "MllmEvaluator",
     "Split",
     "ZeroShotEvaluator",
     "available_evaluators",

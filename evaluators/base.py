@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from tuner.errors import EvaluatorError
+from tuner.evoprune import Schedule
 from tuner.registry import EVALUATOR_GROUP, Registry
 
 __all__ = [
@@ -118,6 +120,15 @@ class Evaluator(ABC):
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable settings that identify the task (model, dataset, sizes, seed): a study's identity."""
+
+    def applied(self, schedule: Schedule) -> AbstractContextManager[Any]:
+        """``schedule`` applied to :attr:`model` for :meth:`accuracy` and :meth:`latency_call`; a context manager that
+        removes it. The engine's :func:`tuner.evoprune.apply` by default; an evaluator whose model needs more than
+        its encoder patched (a multimodal LLM's prompts) prepares it here.
+        """
+        from tuner.evoprune import apply
+
+        return apply(self.model, schedule)
 
     def _set_runtime(self, options: EvaluatorOptions, default_batch_size: int) -> None:
         """Check and set ``device``, ``dtype``, ``batch_size`` and ``seed``: the start every constructor shares.

@@ -49,13 +49,16 @@ from tuner.evoprune import Schedule, Scoring, apply
 
 
 def test_registry_lists_the_built_in_evaluators() -> None:
-    assert available_evaluators() == ["demo", "fidelity", "zeroshot"]
+    assert available_evaluators() == ["demo", "fidelity", "mllm", "mmbench", "mme", "pope", "scienceqa", "zeroshot"]
     assert get_evaluator("demo") is DemoEvaluator
     assert get_evaluator("fidelity") is FidelityEvaluator
     assert get_evaluator("zeroshot") is ZeroShotEvaluator
     with pytest.raises(EvaluatorError) as caught:
         get_evaluator("x")
-    assert str(caught.value) == "unknown evaluator 'x'; available: demo, fidelity, zeroshot"
+    assert (
+        str(caught.value)
+        == "unknown evaluator 'x'; available: demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot"
+    )
 
 
 def test_dtype_and_device() -> None:
@@ -236,9 +239,7 @@ def test_demo_takes_no_model_or_dataset(kwargs: dict[str, Any]) -> None:
 
 def test_demo_sizes_are_checked(demo_class: type[DemoEvaluator]) -> None:
     available = len(eval_pool()[1])
-    with pytest.raises(
-        EvaluatorError, match=f"calib 500 and holdout 300 need 800 items; the dataset has {available}"
-    ):
+    with pytest.raises(EvaluatorError, match=f"calib 500 and holdout 300 need 800 items; the dataset has {available}"):
         demo_class(calib=500, holdout=300)
     with pytest.raises(EvaluatorError, match="batch_size must be an integer >= 1"):
         demo_class(batch_size=0)

@@ -119,7 +119,10 @@ def test_an_unknown_name_lists_the_known_ones_with_the_registry_error() -> None:
 
 
 def test_the_built_in_registries_use_the_rule() -> None:
-    with pytest.raises(EvaluatorError, match="^unknown evaluator 'x'; available: demo, fidelity, zeroshot$"):
+    with pytest.raises(
+        EvaluatorError,
+        match="^unknown evaluator 'x'; available: demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot$",
+    ):
         get_evaluator("x")
     with pytest.raises(SearchSpaceError, match="^unknown search space 'x'; available: family, keep_ratios"):
         get_space("x")
@@ -183,7 +186,10 @@ def test_the_cli_lists_an_installed_plugin_space(plugin_dir: Path, tuner_subproc
         text=True,
         timeout=120,
     )
-    assert listed.stdout.strip() == "['demo', 'fidelity', 'plugin_task', 'zeroshot']", listed.stderr
+    assert (
+        listed.stdout.strip()
+        == "['demo', 'fidelity', 'mllm', 'mmbench', 'mme', 'plugin_task', 'pope', 'scienceqa', 'zeroshot']"
+    ), listed.stderr
 
 
 ADAPTER_CHECK = """

@@ -26,7 +26,7 @@ import transformers
 
 from evaluators import Evaluator
 from tuner import __version__
-from tuner.evoprune import Schedule, apply
+from tuner.evoprune import Schedule
 from tuner.latency import (
     BASELINE_DRIFT,
     BUDGET_RULE,
@@ -156,7 +156,7 @@ def _holdout(context: StudyContext, evaluator: Evaluator, schedule: Schedule) ->
     stored = context.holdout_accuracy(fingerprint)
     if stored is not None:
         return stored
-    with apply(evaluator.model, schedule):
+    with evaluator.applied(schedule):
         accuracy = evaluator.accuracy("holdout")
     context.study.set_user_attr(ATTR_HOLDOUT_PREFIX + fingerprint, accuracy)
     return accuracy

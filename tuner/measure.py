@@ -13,7 +13,7 @@ from typing import Any
 from evaluators import Evaluator
 from search_spaces import EncoderShape
 from tuner.errors import StudyError, TunerError
-from tuner.evoprune import Schedule, Scoring, apply
+from tuner.evoprune import Schedule, Scoring
 from tuner.latency import (
     Budget,
     LatencyMeter,
@@ -65,10 +65,9 @@ def unpruned_schedule(shape: EncoderShape) -> Schedule:
 def pruned_call(evaluator: Evaluator, schedule: Schedule) -> Callable[[], None]:
     """The evaluator's timed call under ``schedule`` (applied and removed around each call: microseconds)."""
     native_call = evaluator.latency_call()
-    model = evaluator.model
 
     def call() -> None:
-        with apply(model, schedule):
+        with evaluator.applied(schedule):
             native_call()
 
     return call

@@ -35,7 +35,7 @@ from evaluators import Evaluator, get_evaluator
 from search_spaces import EncoderShape, SearchSpace, get_space
 from tuner import __version__
 from tuner.errors import StudyError
-from tuner.evoprune import Schedule, apply
+from tuner.evoprune import Schedule
 from tuner.latency import Budget, LatencySource, WorkloadChoice, parse_budget
 from tuner.measure import latency_source_for, measure_schedule
 from tuner.options import RunOptions, make_sampler
@@ -555,7 +555,7 @@ class StudyRunner:
         baseline_ms: float | None = None
         if cached is None:
             forward_started = time.perf_counter()
-            with apply(self.evaluator.model, schedule):
+            with self.evaluator.applied(schedule):
                 accuracy = self.evaluator.accuracy("calib")
             paired = measure_schedule(self.evaluator, self.source, schedule, self.rounds, self.reference_ms)
             forward_s = time.perf_counter() - forward_started

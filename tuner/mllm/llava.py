@@ -102,8 +102,6 @@ class LlavaPruning:
         images = int(pixel_values.shape[0])
         if total == images * self.pruned_tokens:
             return kwargs  # already rewritten (generate's first forward)
-        if kwargs.get("position_ids") is not None:
-            raise EvoPruneError("a pruned LLaVA computes its own position_ids; pass none with a native prompt")
         rewritten = rewrite_image_runs(
             input_ids,
             image_token_id=image_token_id,
@@ -119,6 +117,12 @@ class LlavaPruning:
             updated["attention_mask"] = rewritten.attention_mask
         if rewritten.labels is not None:
             updated["labels"] = rewritten.labels
+        if kwargs.get("position_ids") is not None:
+            # Given positions counted the native prompt; count the rewritten one the same way (from its mask).
+            mask = rewritten.attention_mask
+            if mask is None:
+                mask = torch.ones_like(rewritten.input_ids)
+            updated["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return updated
 
     def remove(self) -> None:
