@@ -159,3 +159,12 @@ def test_a_schedule_for_the_whole_tower_and_a_non_llava_are_refused() -> None:
     # A failed preparation leaves nothing behind: the model can be prepared again.
     with prepare_llava(model, schedule_for(model, 8)):
         pass
+
+
+def test_a_run_grows_when_the_budget_is_above_the_models_own_count() -> None:
+    # LLaVA-OneVision pools a frame to 9 tokens; a merge budget of 12 per frame makes the run longer.
+    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * 9 + [7]])
+    labels = torch.tensor([[1, 5] + [IGNORE_INDEX] * 9 + [7]])
+    out = rewrite_image_runs(ids, image_token_id=IMAGE_TOKEN, native=9, pruned=12, pad_token_id=PAD, labels=labels)
+    assert out.input_ids.tolist() == [[1, 5] + [IMAGE_TOKEN] * 12 + [7]]
+    assert out.labels is not None and out.labels.tolist() == [[1, 5] + [IGNORE_INDEX] * 12 + [7]]

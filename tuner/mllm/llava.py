@@ -24,11 +24,11 @@ from tuner.evoprune import EvoPruneError, EvoPruneHandle, Schedule, ScheduleErro
 from tuner.evoprune.adapters import resolve_encoder
 from tuner.mllm.tokens import PaddingSide, rewrite_image_runs
 
-__all__ = ["LlavaPruning", "llava_layers_used", "prepare_llava"]
+__all__ = ["LlavaPruning", "TowerPruning", "llava_layers_used", "prepare_llava"]
 
 
-def llava_layers_used(model: LlavaForConditionalGeneration) -> int:
-    """How many vision layers LLaVA's image features depend on (``vision_feature_layer`` resolved).
+def llava_layers_used(model: Any) -> int:
+    """How many vision layers a LLaVA-family model's visual features depend on (``vision_feature_layer`` resolved).
 
     Raises:
         UnsupportedModelError: several feature layers (a concatenation of hidden states) are configured.
@@ -46,31 +46,33 @@ def llava_layers_used(model: LlavaForConditionalGeneration) -> int:
     return index
 
 
-class LlavaPruning:
-    """A schedule applied to a LLaVA model, with its prompts rewritten; a context manager that removes it on exit.
+class TowerPruning:
+    """A schedule applied to a LLaVA-family model's vision tower, with its prompts rewritten; a context manager that
+    removes it on exit. Subclasses say how a prompt is rewritten (:meth:`rewrite`).
 
     Attributes:
         model: the prepared model.
         schedule: the schedule over the layers that run (``layers_used`` of them).
         layers_used: vision layers that run; the rest are pass-throughs while prepared.
-        native_tokens: image tokens per image in the processor's prompts.
-        pruned_tokens: image features (and prompt image tokens) per image after merging.
+        native_tokens: visual features per image (or frame) of the unpruned model, before any pooling.
+        pruned_tokens: visual features per image (or frame) after merging.
         engine: the engine's handle on the vision tower (token counts, sizes, CTR reductions of the last forward).
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, schedule: Schedule, padding_side: PaddingSide | None):
-        self.model = model
+    def __init__(self, model: Any, schedule: Schedule, padding_side: PaddingSide | None) -> None:
+        self.model: Any = model
         self.schedule = schedule
         self.layers_used = llava_layers_used(model)
         encoder = resolve_encoder(model)
         if schedule.num_layers != self.layers_used:
             raise ScheduleError(
-                f"the schedule has {schedule.num_layers} layers but this LLaVA reads vision layer "
+                f"the schedule has {schedule.num_layers} layers but this {type(model).__name__} reads vision layer "
                 f"{self.layers_used} of {encoder.num_layers} (vision_feature_layer="
                 f"{model.config.vision_feature_layer}); make a schedule for the {self.layers_used} layers that run"
             )
+        # Features per image: the tokens out of the tower, less CLS where the "default" strategy drops token 0.
         strategy = model.config.vision_feature_select_strategy
-        extra = 1 if encoder.has_cls and strategy == "full" else 0  # "default" drops CLS from the features
+        extra = (1 if encoder.has_cls else 0) - (1 if strategy == "default" else 0)
         self.native_tokens = schedule.tokens_in + extra
         self.pruned_tokens = schedule.tokens_out + extra
         self.padding_side = padding_side
@@ -85,28 +87,32 @@ class LlavaPruning:
                 self._patch(layer, "forward", _pass_through)
             self._patch(model, "forward", _rewriting(self, type(model).forward))
             self._patch(model, "generate", _rewriting(self, type(model).generate))
+            self._prepare()
         except Exception:
             self.remove()
             raise
 
+    def _prepare(self) -> None:
+        """More per-instance patches a model family needs (none by default)."""
+
     def rewrite(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``kwargs`` of a forward or generate call with the prompt's image runs shrunk (when they are native)."""
+        """``kwargs`` of a forward or generate call with the prompt's visual runs shrunk (when they are native)."""
+        raise NotImplementedError
+
+    def _rewrite_runs(
+        self, kwargs: dict[str, Any], token_id: int, items: int, native_run: int, pruned_run: int
+    ) -> dict[str, Any]:
+        """Shrink each run of ``native_run`` tokens ``token_id`` to ``pruned_run`` (``items`` runs in the batch)."""
         input_ids = kwargs.get("input_ids")
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or self.native_tokens == self.pruned_tokens:
-            return kwargs  # a decoding step, a text-only prompt, or nothing merged
         if input_ids is None:
-            raise EvoPruneError("a pruned LLaVA needs input_ids with pixel_values (inputs_embeds cannot be rewritten)")
-        image_token_id = self.model.config.image_token_id
-        total = int((input_ids == image_token_id).sum())
-        images = int(pixel_values.shape[0])
-        if total == images * self.pruned_tokens:
-            return kwargs  # already rewritten (generate's first forward)
+            raise EvoPruneError("a pruned LLaVA needs input_ids with its pixels (inputs_embeds cannot be rewritten)")
+        if native_run == pruned_run or int((input_ids == token_id).sum()) == items * pruned_run:
+            return kwargs  # nothing merged, or already rewritten (generate's first forward)
         rewritten = rewrite_image_runs(
             input_ids,
-            image_token_id=image_token_id,
-            native=self.native_tokens,
-            pruned=self.pruned_tokens,
+            image_token_id=token_id,
+            native=native_run,
+            pruned=pruned_run,
             pad_token_id=_pad_token_id(self.model),
             attention_mask=kwargs.get("attention_mask"),
             labels=kwargs.get("labels"),
@@ -135,7 +141,7 @@ class LlavaPruning:
         self._patched.clear()
         self.engine.remove()
 
-    def __enter__(self) -> LlavaPruning:
+    def __enter__(self) -> TowerPruning:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -145,6 +151,17 @@ class LlavaPruning:
         previous = module.__dict__.get(attribute)
         setattr(module, attribute, types.MethodType(function, module))
         self._patched.append((module, attribute, previous))
+
+
+class LlavaPruning(TowerPruning):
+    """A schedule applied to a LLaVA-1.5 model: each image's run of image tokens shrinks to ``pruned_tokens``."""
+
+    def rewrite(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return kwargs  # a decoding step or a text-only prompt
+        token_id = self.model.config.image_token_id
+        return self._rewrite_runs(kwargs, token_id, int(pixel_values.shape[0]), self.native_tokens, self.pruned_tokens)
 
 
 def prepare_llava(
@@ -177,7 +194,7 @@ def prepare_llava(
     return LlavaPruning(model, schedule, padding_side)
 
 
-def _pad_token_id(model: LlavaForConditionalGeneration) -> int:
+def _pad_token_id(model: Any) -> int:
     for config in (model.config, getattr(model.config, "text_config", None), model.generation_config):
         value = getattr(config, "pad_token_id", None)
         if isinstance(value, int):
@@ -190,7 +207,7 @@ def _pass_through(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kw
     return hidden_states
 
 
-def _rewriting(pruning: LlavaPruning, original: Callable[..., Any]) -> Callable[..., Any]:
+def _rewriting(pruning: TowerPruning, original: Callable[..., Any]) -> Callable[..., Any]:
     # wraps: generate checks its keyword arguments against forward's signature (followed through __wrapped__).
     @functools.wraps(original)
     def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

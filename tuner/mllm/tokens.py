@@ -68,15 +68,16 @@ def rewrite_image_runs(
 ) -> RewrittenPrompt:
     """Shrink every image's run of ``native`` image tokens to ``pruned`` tokens, row by row.
 
-    A run of ``k * native`` tokens is ``k`` adjacent images and becomes ``k * pruned`` tokens; the first positions of
-    the run are kept (their mask and label values with them). Rows are then re-padded to the longest: on the side the
-    attention mask shows padding on, else ``padding_side``, else the left (what generation needs).
+    A run of ``k * native`` tokens is ``k`` adjacent images and becomes ``k * pruned`` tokens: cut to its first
+    positions (their mask and label values with them), or, where the pruned count is the larger (a merge budget above
+    a model's own pooled count), extended with copies of its first position. Rows are then re-padded to the longest:
+    on the side the attention mask shows padding on, else ``padding_side``, else the left (what generation needs).
 
     Args:
         input_ids: ``[B, L]`` token ids as the processor made them.
         image_token_id: the id of the image placeholder token.
-        native: image tokens per image in the prompt (the encoder's unpruned feature count).
-        pruned: features per image after merging.
+        native: image tokens per image in the prompt (the model's own feature count).
+        pruned: features per image after merging (usually fewer; more is allowed).
         pad_token_id: id written on new padding positions.
         attention_mask: ``[B, L]`` or None.
         labels: ``[B, L]`` or None.
@@ -87,7 +88,7 @@ def rewrite_image_runs(
 
     Raises:
         ValueError: a run whose length is not a multiple of ``native`` (a prompt not made for this model's image
-            size), shapes that disagree, or ``pruned`` outside ``1..native``.
+            size), shapes that disagree, or a count below 1.
 
     Example:
         >>> ids = torch.tensor([[0, 7, 9, 9, 9, 9, 8], [7, 9, 9, 9, 9, 8, 8]])
@@ -101,33 +102,30 @@ def rewrite_image_runs(
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
         if tensor is not None and tensor.shape != input_ids.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, input_ids {tuple(input_ids.shape)}")
-    if not 1 <= pruned <= native:
-        raise ValueError(f"pruned must be in 1..{native} (the native count), got {pruned}")
+    if native < 1 or pruned < 1:
+        raise ValueError(f"native and pruned counts must be 1 or more, got {native} and {pruned}")
     side = _padding_side(attention_mask, padding_side)
     rows_ids, rows_mask, rows_labels, images = [], [], [], []
     for row in range(input_ids.shape[0]):
-        ids = input_ids[row]
-        if attention_mask is not None:
-            # Only real tokens are rewritten; the row is padded again below.
-            real = attention_mask[row].bool()
-            ids = ids[real]
-        keep = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        count = 0
+        # Only real tokens are rewritten; the row is padded again below.
+        real = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(input_ids[row]).bool()
+        ids = input_ids[row][real]
+        mask = attention_mask[row][real] if attention_mask is not None else None
+        row_labels = labels[row][real] if labels is not None else None
+        pieces: list[tuple[int, int, int]] = []  # (start, length, new length) of each run
         for start, length in image_runs(ids, image_token_id):
             if length % native:
                 raise ValueError(
                     f"row {row} has a run of {length} image tokens, not a multiple of {native} per image: the "
                     "prompt was not made by this model's processor (another image size?)"
                 )
-            count += length // native
-            keep[start + (length // native) * pruned : start + length] = False
-        images.append(count)
-        rows_ids.append(ids[keep])
-        if attention_mask is not None:
-            rows_mask.append(attention_mask[row][attention_mask[row].bool()][keep])
-        if labels is not None:
-            row_labels = labels[row][attention_mask[row].bool()] if attention_mask is not None else labels[row]
-            rows_labels.append(row_labels[keep])
+            pieces.append((start, length, (length // native) * pruned))
+        images.append(sum(length // native for _, length, _ in pieces))
+        rows_ids.append(_resize_runs(ids, pieces))
+        if mask is not None:
+            rows_mask.append(_resize_runs(mask, pieces))
+        if row_labels is not None:
+            rows_labels.append(_resize_runs(row_labels, pieces))
     width = max(ids.shape[0] for ids in rows_ids)
     new_ids = _pad(rows_ids, width, pad_token_id, side)
     new_mask = _pad(rows_mask, width, 0, side) if attention_mask is not None else None
@@ -136,6 +134,19 @@ def rewrite_image_runs(
         # Rows of different image counts now differ in length: the padding must be masked.
         new_mask = _pad([torch.ones_like(ids) for ids in rows_ids], width, 0, side)
     return RewrittenPrompt(new_ids, new_mask, new_labels, images)
+
+
+def _resize_runs(values: torch.Tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+    """``values`` with each run ``(start, length, new_length)`` cut to, or extended (its first value repeated) to,
+    ``new_length`` positions; everything between runs unchanged."""
+    parts, cursor = [], 0
+    for start, length, new_length in pieces:
+        parts.append(values[cursor:start])
+        run = values[start : start + length]
+        parts.append(run[:new_length] if new_length <= length else run[:1].expand(new_length))
+        cursor = start + length
+    parts.append(values[cursor:])
+    return torch.cat(parts)
 
 
 def _padding_side(attention_mask: torch.Tensor | None, fallback: PaddingSide | None) -> PaddingSide:
