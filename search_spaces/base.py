@@ -65,20 +65,17 @@ class EncoderShape:
     def of_model(cls, model: Any) -> EncoderShape:
         """The shape of a model's vision encoder (through the EvoPrune adapters).
 
-        For LLaVA, only the vision layers up to ``vision_feature_layer`` count: those are the ones that run once the
-        model is prepared (:func:`tuner.mllm.prepare_llava`).
+        For LLaVA-family models, only the vision layers up to ``vision_feature_layer`` count: those are the ones that
+        run once the model is prepared (:func:`tuner.mllm.vision_layers_that_run`).
 
         Raises:
             UnsupportedModelError: no adapter knows the model.
         """
-        from transformers import LlavaForConditionalGeneration
-
         from tuner.evoprune.adapters import resolve_encoder
-        from tuner.mllm import llava_layers_used
+        from tuner.mllm import vision_layers_that_run
 
         encoder = resolve_encoder(model)
-        layers = llava_layers_used(model) if isinstance(model, LlavaForConditionalGeneration) else encoder.num_layers
-        return cls(layers, encoder.num_patches, encoder.family, encoder.has_cls)
+        return cls(vision_layers_that_run(model), encoder.num_patches, encoder.family, encoder.has_cls)
 
 
 Bound = Callable[[EncoderShape], int]

@@ -191,3 +191,28 @@ def test_bad_models_and_datasets_are_one_line_errors(llava_dir: Path, tmp_path: 
 def test_the_prompt_is_llava_15s_single_turn() -> None:
     prompt = build_prompt(MllmItem(0, "Is there a digit?", YES_NO, 0, "0"), image_token="<im>")
     assert prompt == "USER: <im>\nIs there a digit?\nAnswer the question using a single word or phrase. ASSISTANT:"
+
+
+def test_tuner_run_searches_a_llava_task_and_exports_a_schedule_for_the_layers_that_run(
+    llava_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    dataset = pope_dataset(tmp_path, rows=16)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "160"}
+    storage = f"sqlite:///{tmp_path}/studies/t.db"
+    command = [sys.executable, "-m", "tuner", "run", "--model", str(llava_dir), "--evaluator", "pope", "--dataset",
+               dataset, "--budget", "99%", "--trials", "5", "--calib", "8", "--holdout", "4", "--batch-size", "4",
+               "--latency-source", "synthetic", "--storage", storage]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (best,) = (tmp_path / "studies").rglob("best.json")
+    schedule = Schedule.from_json(best.read_text())
+    assert schedule.num_layers == 3 and schedule.tokens_in == 16  # the layers LLaVA reads, not the tower's 4
+    assert json.loads(best.read_text())["metrics"]["latency_source"] == "synthetic"
+    evaluator = get_evaluator("pope")(model=str(llava_dir), dataset=dataset, calib=8, holdout=4, batch_size=4)
+    with evaluator.applied(schedule):
+        assert 0.0 <= evaluator.accuracy("holdout") <= 1.0

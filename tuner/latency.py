@@ -273,9 +273,7 @@ class LatencyMeter:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
-            raise LatencyError(
-                f"{str(self.device)!r} is not available here (no CUDA); use device cpu", param="device"
-            )
+            raise LatencyError(f"{str(self.device)!r} is not available here (no CUDA); use device cpu", param="device")
         self.repeats = _positive_int("repeats", repeats, self.CUDA_REPEATS if cuda else self.CPU_REPEATS, 1)
         self.warmup = _positive_int("warmup", warmup, self.CUDA_WARMUP if cuda else self.CPU_WARMUP, 0)
         # On a CPU the thread count decides the latency: fix it. On CUDA, only when asked.
@@ -827,9 +825,11 @@ def synthetic_model(model: Any, baseline_ms: float = SYNTHETIC_BASELINE_MS) -> L
     Fixed shares (20% fixed cost; a merge step over all tokens 1% of the baseline, the attention statistics another
     1%, the kNN term 0.5%), so that the same schedule always gets the same latency, on any machine.
     """
+    from tuner.mllm import vision_layers_that_run
+
     encoder = resolve_encoder(model)
     return LatencyModel.for_encoder(
-        baseline_ms, encoder.num_layers, encoder.num_patches, encoder.hidden_size, encoder.intermediate_size,
+        baseline_ms, vision_layers_that_run(model), encoder.num_patches, encoder.hidden_size, encoder.intermediate_size,
         encoder.has_cls, fixed_share=0.2, merge_share=0.01, attention_share=0.01, knn_share=0.005,
     )  # fmt: skip
 

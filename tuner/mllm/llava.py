@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 from tuner.evoprune import EvoPruneError, EvoPruneHandle, Schedule, ScheduleError, UnsupportedModelError, apply
 from tuner.evoprune.adapters import resolve_encoder
 from tuner.mllm.tokens import PaddingSide, rewrite_image_runs
 
-__all__ = ["LlavaPruning", "TowerPruning", "llava_layers_used", "prepare_llava"]
+__all__ = ["LlavaPruning", "TowerPruning", "llava_layers_used", "prepare_llava", "vision_layers_that_run"]
 
 
 def llava_layers_used(model: Any) -> int:
@@ -44,6 +44,15 @@ def llava_layers_used(model: Any) -> int:
     if not 1 <= index <= num_layers:
         raise UnsupportedModelError(f"vision_feature_layer={layer} reads no layer of a {num_layers}-layer tower")
     return index
+
+
+def vision_layers_that_run(model: Any) -> int:
+    """Vision layers a model's output depends on: up to ``vision_feature_layer`` for a LLaVA-family model (the layers
+    that run once it is prepared), else all the encoder's layers. Search spaces and latency models size schedules by it.
+    """
+    if isinstance(model, (LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration)):
+        return llava_layers_used(model)
+    return resolve_encoder(model).num_layers
 
 
 class TowerPruning:
