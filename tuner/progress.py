@@ -130,9 +130,7 @@ class RunProgress:
         self._last = now
         self.done += 1
         self.session_trials += 1
-        marks = []
-        if outcome.seed_point:
-            marks.append(f"seed: {outcome.seed_point}")
+        marks = self._offer(outcome.number, outcome.accuracy, outcome.latency_ms) if outcome.feasible else []
         if outcome.noisy:
             self.noisy += 1
             marks.append("noisy")
@@ -142,8 +140,8 @@ class RunProgress:
                     "far): the machine looks loaded; each latency is a ratio to the unpruned model timed beside it, "
                     "but keep other jobs off the cores"
                 )
-        if outcome.feasible:
-            marks += self._offer(outcome.number, outcome.accuracy, outcome.latency_ms)
+        if outcome.seed_point:
+            marks.append(f"seed: {outcome.seed_point}")
         if marks:
             self.log.append(self._log_line(outcome, marks))
         if self._live is not None:
