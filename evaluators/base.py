@@ -103,6 +103,8 @@ class Evaluator(ABC):
     """
 
     name: ClassVar[str]
+    requires: ClassVar[dict[str, str]] = {}
+    """Options this evaluator cannot run without, each with what it must be (checked by :meth:`check_required`)."""
     model: nn.Module
     batch_size: int
     device: torch.device
@@ -129,6 +131,20 @@ class Evaluator(ABC):
         from tuner.evoprune import apply
 
         return apply(self.model, schedule)
+
+    @classmethod
+    def check_required(cls, given: Mapping[str, Any]) -> None:
+        """Refuse settings that lack an option this evaluator needs, naming only the missing ones.
+
+        Raises:
+            EvaluatorError: one line naming each missing option and what it must be.
+        """
+        missing = [name for name in cls.requires if given.get(name) is None]
+        if missing:
+            wanted = " and ".join(f"{name} ({cls.requires[name]})" for name in missing)
+            raise EvaluatorError(
+                f"the {cls.name} evaluator needs {wanted}; give {' and '.join(missing)}", param=tuple(missing)
+            )
 
     def _set_runtime(self, options: EvaluatorOptions, default_batch_size: int) -> None:
         """Check and set ``device``, ``dtype``, ``batch_size`` and ``seed``: the start every constructor shares.

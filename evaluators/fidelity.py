@@ -88,18 +88,16 @@ class FidelityEvaluator(Evaluator):
         EvaluatorError: a missing model or dataset, one that cannot be loaded, no image column, or bad sizes.
     """
 
+    requires: ClassVar[dict[str, str]] = {"model": "a local folder or hub id", "dataset": "images"}
     default_calib: ClassVar[int] = 128
     default_holdout: ClassVar[int] = 128
     default_batch_size: ClassVar[int] = 16
 
     def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
         options = EvaluatorOptions.of(options, settings)
+        self.check_required(vars(options))
         model, dataset = options.model, options.dataset
-        if model is None or dataset is None:
-            raise EvaluatorError(
-                "the fidelity evaluator needs model (a local folder or hub id) and dataset (images)",
-                param=("model", "dataset"),
-            )
+        assert model is not None and dataset is not None
         self.model_name, self.dataset_name = model, dataset
         self._set_runtime(options, self.default_batch_size)
         # The data first: a dataset without images, or too small, fails before a large model is loaded.

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_COLUMNS",
     "LABEL_COLUMNS",
+    "check_source",
     "class_names",
     "dtype_name",
     "find_column",
@@ -127,6 +128,95 @@ def supported_class_names() -> list[str]:
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with path syntax is meant as a local path.
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
+
+
+HUB_PROBE_S = 3.0
+"""How long :func:`check_source` waits for the hub to accept a connection before calling it unreachable."""
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _hub_offline() -> str | None:
+    """The environment variable that puts the hub libraries offline, if one is set."""
+    for variable in _OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return variable
+    return None
+
+
+def _hub_unreachable(timeout_s: float = HUB_PROBE_S) -> str | None:
+    """Why the hub cannot be reached from here (None when it accepts a connection within ``timeout_s``).
+
+    One connection attempt in a background thread, so neither a slow name lookup nor the hub clients' retries (half
+    a minute) hold up a run that cannot load anything from the hub anyway.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    offline = _hub_offline()
+    if offline is not None:
+        return f"{offline} is set"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except OSError as error:
+            outcome.append(f"{host}: {error.strerror or type(error).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return outcome[0] if outcome else f"{host}: no answer in {timeout_s:g} s"
+
+
+def _in_hub_cache(name: str, kind: str) -> bool:
+    """Whether the hub client's cache holds the model's config (or the dataset's card): usable without the hub."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    filename, repo_type = ("config.json", "model") if kind == "model" else ("README.md", "dataset")
+    try:
+        found = try_to_load_from_cache(name, filename, repo_type=repo_type)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even parse is not in it
+        return False
+    return isinstance(found, str)
+
+
+def check_source(name: str, kind: str) -> None:
+    """Check, in seconds and without loading anything, that a model or dataset named on the command line can be had.
+
+    A local path must exist; a hub id needs the hub to answer (or a copy in the hub cache). Loading itself comes
+    later and can still fail (a hub id that does not exist, a folder without a checkpoint).
+
+    Args:
+        name: a local folder or file, or a hub id.
+        kind: ``"model"`` or ``"dataset"`` (the option the message names).
+
+    Raises:
+        EvaluatorError: no such local path, or a hub id while the hub is unreachable; the message names ``kind``.
+    """
+    local = Path(name).expanduser()
+    if local.exists():
+        return
+    fix = "give a local folder (save_pretrained output)" if kind == "model" else "give a local folder or file"
+    if _looks_like_path(name):
+        raise EvaluatorError(f"cannot load {kind} {name!r}: no such folder or file; {fix}", param=kind)
+    if _in_hub_cache(name, kind):
+        return
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise EvaluatorError(
+            f"cannot load {kind} {name!r}: not a local path, and the hub is unreachable from here ({reason}) with no "
+            f"cached copy; {fix}, or run where the hub answers",
+            param=kind,
+        )
 
 
 def _hub_failure(error: BaseException) -> str:

@@ -60,19 +60,19 @@ class ZeroShotEvaluator(Evaluator):
         EvaluatorError: a missing or unsupported model, a dataset without the needed columns, or bad sizes.
     """
 
+    requires: ClassVar[dict[str, str]] = {
+        "model": "a CLIP or SigLIP folder or hub id",
+        "dataset": "images with class labels",
+    }
     default_calib: ClassVar[int] = 256
     default_holdout: ClassVar[int] = 256
     default_batch_size: ClassVar[int] = 16
 
     def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
         options = EvaluatorOptions.of(options, settings)
+        self.check_required(vars(options))
         model, dataset = options.model, options.dataset
-        if model is None or dataset is None:
-            raise EvaluatorError(
-                "the zeroshot evaluator needs model (a CLIP or SigLIP folder or hub id) and dataset (images with class "
-                "labels)",
-                param=("model", "dataset"),
-            )
+        assert model is not None and dataset is not None
         self.model_name, self.dataset_name = model, dataset
         self._set_runtime(options, self.default_batch_size)
 

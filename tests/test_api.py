@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from tuner.api import run_study
 from tuner.evoprune import Schedule
-from tuner.options import RunOptions
+from tuner.options import RunOptions, output_dir
 
 SETTINGS: dict[str, Any] = {
     "budget": "75%", "trials": 8, "seed": 3, "calib": 24, "holdout": 24, "batch_size": 8, "repeats": 2,
@@ -34,7 +34,9 @@ def trials_of(storage: str, study: str) -> list[tuple[dict[str, Any], list[float
 def test_the_library_and_the_cli_run_the_same_trials(tuner_workdir: Path, tuner_cli: Callable[..., Any]) -> None:
     result = run_study(RunOptions(**SETTINGS, storage="sqlite:///library.db", study="library"))
     assert result.exit_code == 0 and result.trials_run == SETTINGS["trials"]
-    assert result.best_path == Path("studies/library/best.json") and result.best_path.is_file()
+    # Outside the default storage, outputs are keyed by storage and study.
+    assert result.best_path == output_dir("library", storage="sqlite:///library.db") / "best.json"
+    assert result.best_path.parent.name.startswith("library@sqlite-library-") and result.best_path.is_file()
 
     cli = tuner_cli("run", *cli_args(SETTINGS), "--storage", "sqlite:///cli.db", "--study", "cli")
     assert cli.code == 0, cli.out + cli.err
@@ -44,7 +46,9 @@ def test_the_library_and_the_cli_run_the_same_trials(tuner_workdir: Path, tuner_
     assert len(library_trials) == SETTINGS["trials"]
     assert [params for params, _ in library_trials] == [params for params, _ in cli_trials]
     assert [values for _, values in library_trials] == [values for _, values in cli_trials]
-    exported = [Schedule.load(Path(f"studies/{name}/best.json")) for name in ("library", "cli")]
+    exported = [
+        Schedule.load(output_dir(name, storage=f"sqlite:///{name}.db") / "best.json") for name in ("library", "cli")
+    ]
     assert exported[0].fingerprint() == exported[1].fingerprint()
 
 

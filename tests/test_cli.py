@@ -17,6 +17,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tuner.options import output_dir
+
 Cli = Callable[..., Any]  # the tuner_cli fixture: (*args) -> result with .code, .out, .err
 TINY_RUN_ARGS: tuple[str, ...] = (
     "--calib", "24", "--holdout", "24", "--batch-size", "8", "--repeats", "2", "--final-repeats", "5",
@@ -139,7 +141,7 @@ def test_same_seed_gives_the_same_trials_and_export_with_the_synthetic_latency_s
             "synthetic", budget="75%", trials=12,
         )  # fmt: skip
         assert result.code == 0, result.out + result.err
-        exports.append(json.loads(Path(f"studies/{name}/best.json").read_text()))
+        exports.append(json.loads((output_dir(name, storage=f"sqlite:///{name}.db") / "best.json").read_text()))
     params = [[t.params for t in study_trials(Path(f"{name}.db"), name)] for name in ("a", "b")]
     assert params[0] == params[1]
     assert exports[0]["plan"] == exports[1]["plan"] and exports[0]["scoring"] == exports[1]["scoring"]
@@ -327,7 +329,8 @@ def test_spaces_lists_spaces_with_parameters(tuner_cli: Cli) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "export", "plot", "report", "dashboard", "studies", "apply", "spaces", "schema"]
+    "command",
+    ["run", "worker", "export", "plot", "report", "dashboard", "studies", "copy", "apply", "spaces", "schema"],
 )
 def test_every_command_has_help(command: str, tuner_cli: Cli) -> None:
     result = tuner_cli(command, "--help")

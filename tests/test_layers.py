@@ -5,10 +5,10 @@ import counts, at the top of a module or inside a function (``TYPE_CHECKING`` bl
 
 0. the engine ``tuner.evoprune`` and the demo model ``tuner.demo`` (and the ``tuner`` package's ``__init__``);
 0b. ``tuner.mllm`` (multimodal LLMs prepared with the engine: prompts rewritten to the pruned token count);
-1. ``tuner.errors``, ``tuner.timing``, ``tuner.registry``;
+1. ``tuner.errors``, ``tuner.timing``, ``tuner.registry``, ``tuner.signals``;
 2. ``tuner.latency`` (budgets, measurement, the budget rule);
 3. ``evaluators`` (accuracy tasks) and ``search_spaces``;
-4. ``tuner.storage`` and ``tuner.options``;
+4. ``tuner.storage``, ``tuner.options`` and ``tuner.workers`` (dead trials, local worker processes);
 5. ``tuner.measure`` and ``tuner.study``;
 6. ``tuner.export``, ``tuner.plots``, ``tuner.figures`` and ``tuner.tables``;
 7. ``tuner.api``, ``tuner.progress``, ``tuner.dashboard`` and ``tuner.report``;
@@ -29,10 +29,10 @@ PACKAGES = ("tuner", "evaluators", "search_spaces")
 LAYERS: list[tuple[str, ...]] = [
     ("tuner", "tuner.evoprune", "tuner.demo"),
     ("tuner.mllm",),
-    ("tuner.errors", "tuner.timing", "tuner.registry"),
+    ("tuner.errors", "tuner.timing", "tuner.registry", "tuner.signals"),
     ("tuner.latency",),
     ("evaluators", "search_spaces"),
-    ("tuner.storage", "tuner.options"),
+    ("tuner.storage", "tuner.options", "tuner.workers"),
     ("tuner.measure", "tuner.study"),
     ("tuner.export", "tuner.plots", "tuner.figures", "tuner.tables"),
     ("tuner.api", "tuner.progress", "tuner.dashboard", "tuner.report"),

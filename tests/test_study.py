@@ -177,13 +177,16 @@ def test_resuming_with_other_settings_is_refused_naming_the_differences(
     message = str(caught.value)
     assert "was made with different settings" in message
     assert "budget 95% -> 90%" in message and "space family -> keep_ratios" in message
-    assert "give another study name" in message and caught.value.params == ("study",)
+    assert "give another study name" in message and caught.value.params[0] == "study"
+    assert "only trials, timeout, prefer, repeats, final_repeats, workers may change on resume" in message
 
 
-def test_seed_and_sampler_may_change_on_resume(tmp_path: Path, tiny_demo_evaluator: DemoEvaluator) -> None:
+def test_seed_and_sampler_may_not_change_on_resume(tmp_path: Path, tiny_demo_evaluator: DemoEvaluator) -> None:
     _study(tmp_path, tiny_demo_evaluator)
-    context = _study(tmp_path, tiny_demo_evaluator, seed=7, sampler="nsga2")
-    assert context.settings["budget"] == "95%"
+    with pytest.raises(TunerError, match="different settings: sampler tpe -> nsga2, seed 0 -> 7"):
+        _study(tmp_path, tiny_demo_evaluator, seed=7, sampler="nsga2")
+    context = _study(tmp_path, tiny_demo_evaluator, repeats=3, final_repeats=4, trials=9, prefer="fast", workers=2)
+    assert context.settings["budget"] == "95%" and context.search == {"sampler": "tpe", "seed": 0}
 
 
 def test_an_interrupted_seed_trial_is_enqueued_again(tmp_path: Path, tiny_demo_evaluator: DemoEvaluator) -> None:

@@ -12,7 +12,7 @@ Example (a real, small demo study; about a minute on 2 CPU cores):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ import optuna
 from evaluators import Evaluator, get_evaluator
 from evaluators.loading import resolve_device, resolve_dtype
 from tuner.dashboard import FigurePublisher
-from tuner.errors import TunerError
+from tuner.errors import StudyError, TunerError
 from tuner.evoprune import Schedule
 from tuner.export import Prefer, Selection, exported_schedule, pareto_front, select_schedule, write_export
 from tuner.latency import BudgetVerdict, PairedLatency, WorkloadChoice, parse_budget
@@ -33,6 +33,7 @@ from tuner.options import (
     resolve_device_name,
 )
 from tuner.plots import pareto_figure, write_pareto_html
+from tuner.signals import Terminated, exit_code, graceful_stop, relay_signals
 from tuner.storage import open_storage, public_url, storage_errors
 from tuner.study import (
     ATTR_FINAL,
@@ -43,13 +44,22 @@ from tuner.study import (
     StudyRunner,
     TrialOutcome,
     TrialRecord,
+    check_resume,
     create_or_resume,
     evaluator_from_context,
     load_study,
-    stop_on_interrupt,
     trial_records,
 )
 from tuner.timing import tune_allocator
+from tuner.workers import (
+    DeadTrial,
+    WorkerPool,
+    describe_dead,
+    reap_dead_trials,
+    sharing_warning,
+    split_trials,
+    worker_environments,
+)
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -57,9 +67,12 @@ __all__ = [
     "ApplyResult",
     "RunEvents",
     "RunResult",
+    "WorkResult",
     "apply_schedule",
+    "copy_study",
     "export_study",
     "run_study",
+    "work_on_study",
     "write_plot",
 ]
 
@@ -106,8 +119,11 @@ class RunResult:
         resumed: it existed before this run.
         trials_run: trials this run finished.
         workload: the batch sized to this machine when the study was created (None when given or not sized).
-        interrupted: ``"sigint"`` when Ctrl-C stopped the search after the running trial, ``"hard"`` when a second
-            Ctrl-C stopped it at once (the running trial is marked failed), else None.
+        interrupted: the signal that stopped the search (``"SIGINT"``, ``"SIGTERM"``), else None.
+        trial_failed: the signal stopped the search at once and the running trial was marked failed (SIGTERM, a
+            second SIGINT); False when it was let finish.
+        dead: trials found left RUNNING by dead processes (and failed and queued again) when the run started or
+            while it ran.
         selection: the export's choice (None when interrupted).
         schedule: the exported schedule with its metrics (None when nothing met the budget).
         best_path: where it was written.
@@ -121,6 +137,8 @@ class RunResult:
     trials_run: int = 0
     workload: WorkloadChoice | None = None
     interrupted: str | None = None
+    trial_failed: bool = False
+    dead: list[DeadTrial] = field(default_factory=list)
     selection: Selection | None = None
     schedule: Schedule | None = None
     best_path: Path | None = None
@@ -128,13 +146,13 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """0 exported, 3 no schedule meets the budget, 130 interrupted."""
+        """0 exported, 3 no schedule meets the budget, 130 interrupted by SIGINT, 143 by SIGTERM."""
         if self.interrupted:
-            return EXIT_INTERRUPTED
+            return exit_code(self.interrupted)
         return 0 if self.schedule is not None else EXIT_NO_FEASIBLE
 
 
-def _stored_settings(storage: optuna.storages.RDBStorage, url: str, name: str) -> dict[str, Any] | None:
+def _stored_settings(storage: optuna.storages.BaseStorage, url: str, name: str) -> dict[str, Any] | None:
     with storage_errors(url):
         try:
             study = optuna.load_study(study_name=name, storage=storage)
@@ -142,7 +160,7 @@ def _stored_settings(storage: optuna.storages.RDBStorage, url: str, name: str) -
             return None
         found = study.user_attrs.get(ATTR_SETTINGS)
         meta = study.user_attrs.get(ATTR_META) or {}
-    return {"settings": found, "workload": meta.get("workload")} if isinstance(found, dict) else None
+    return {"settings": found, "workload": meta.get("workload"), "study": study} if isinstance(found, dict) else None
 
 
 def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult:
@@ -167,6 +185,9 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
     )
     storage = open_storage(options.storage)
     stored = _stored_settings(storage, options.storage, study_name)
+    if stored is not None:  # a resume: settings that differ are refused now, before the model loads
+        device = resolve_device_name(options.device).split(":")[0]
+        check_resume(stored["study"], options.storage, options, budget, device)
     batch_size = options.batch_size
     if batch_size is None and stored is not None:
         batch_size = stored["settings"].get("batch_size")
@@ -195,31 +216,20 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         f"{context.reference_ms:.2f} ms at batch size {task.batch_size}, latency {context.latency_source})"
     )
     result = RunResult(study_name, public_url(options.storage), context, resumed, workload=workload)
-    publisher = FigurePublisher(context, note=events.note)
-
-    def on_trial(outcome: TrialOutcome) -> None:
-        events.trial(outcome)
-        publisher.trial_finished()  # the dashboard's figures, now and then (never fails the trial)
-
-    source = latency_source_for(options.latency_source, task)
-    runner = StudyRunner(context, task, source, options.sampler, options.seed, options.repeats, on_trial=on_trial)
+    with storage_errors(options.storage):
+        result.dead += reap_dead_trials(context.study)
+    if result.dead:
+        events.note(describe_dead(result.dead))
     if len(records) >= options.trials:
-        runner.study.set_user_attr(ATTR_REQUESTED, options.trials)
+        context.study.set_user_attr(ATTR_REQUESTED, options.trials)
         events.note(f"the study already holds {len(records)} finished trials (--trials {options.trials})")
-    else:
-        events.start(options.trials, records)
-        try:
-            with stop_on_interrupt(context.study, events.note) as stop:
-                result.trials_run = runner.run(options.trials, options.timeout)
-        except KeyboardInterrupt:
-            events.stop()
-            runner.fail_unfinished()
-            result.interrupted = "hard"
+    elif options.workers > 1:
+        _search_with_workers(options, context, result, events)
+        if result.interrupted:
             return result
-        finally:
-            events.stop()
-        if stop.requested:
-            result.interrupted = "sigint"
+    else:
+        _search_here(options, context, task, result, events)
+        if result.interrupted:
             return result
     export_source = latency_source_for(options.latency_source, task, rounds_warmup=3)
     selection = select_schedule(
@@ -231,12 +241,13 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         note=events.note,  # type: ignore[arg-type]
     )
     result.selection = selection
-    folder = output_dir(context.name)
+    folder = output_dir(context.name, storage=options.storage)
     result.plot_path = write_plot(context, folder / "pareto.html", selection)
     best = folder / "best.json"
     if selection.chosen is not None:
         result.schedule = exported_schedule(selection, context, task, export_source)
         result.best_path = write_export(result.schedule, best)
+        best.with_name("best.stale.json").unlink(missing_ok=True)  # superseded by the schedule just written
     elif best.exists():
         # A schedule from an earlier run of this study that the latest choice no longer backs: keep it, marked.
         stale = best.with_name("best.stale.json")
@@ -244,6 +255,96 @@ def run_study(options: RunOptions, events: RunEvents | None = None) -> RunResult
         selection.notes.append(f"moved the earlier {best} to {stale}: this run found no schedule that meets the budget")
     FigurePublisher(context, note=events.note).publish()  # the dashboard's figures with the export marked
     return result
+
+
+def _search_here(
+    options: RunOptions, context: StudyContext, task: Evaluator, result: RunResult, events: RunEvents
+) -> None:
+    """The search in this process; SIGINT and SIGTERM stop it cleanly (:func:`tuner.signals.graceful_stop`)."""
+
+    def on_dead(dead: list[DeadTrial]) -> None:
+        result.dead += dead
+        events.note(describe_dead(dead))
+
+    publisher = FigurePublisher(context, note=events.note)
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        events.trial(outcome)
+        publisher.trial_finished()  # the dashboard's figures, now and then (never fails the trial)
+
+    source = latency_source_for(options.latency_source, task)
+    runner = StudyRunner(
+        context, task, source, options.sampler, options.seed, options.repeats, on_trial=on_trial, on_dead=on_dead
+    )
+    events.start(options.trials, trial_records(context.study))
+    try:
+        with graceful_stop(runner.stop_search, lambda: runner.in_trial, events.note) as stop:
+            runner.stop = stop
+            result.trials_run = runner.run(options.trials, options.timeout)
+    except KeyboardInterrupt as error:  # Terminated (SIGTERM, a second SIGINT), or Ctrl-C outside the handlers
+        events.stop()
+        runner.fail_unfinished()
+        result.interrupted = error.signal_name if isinstance(error, Terminated) else "SIGINT"
+        result.trial_failed = True
+        return
+    finally:
+        events.stop()
+    if stop.requested:
+        result.interrupted = stop.signal_name
+        result.trial_failed = stop.hard
+
+
+def _search_with_workers(options: RunOptions, context: StudyContext, result: RunResult, events: RunEvents) -> None:
+    """The search in ``options.workers`` local worker processes (``python -m tuner worker``), in rounds.
+
+    A round shares the missing trials among the workers. A worker that dies (SIGKILL, out of memory) leaves its
+    running trial behind: it is found (:func:`tuner.workers.reap_dead_trials`), failed and queued again, and the
+    next round runs what is still missing. SIGINT and SIGTERM are passed on to the workers, which stop as a
+    single-process run does.
+    """
+    device = str(context.meta.get("evaluator_args", {}).get("device") or "cpu")
+    warning = sharing_warning(options.workers, device)
+    if warning:
+        events.note(warning)
+    context.study.set_user_attr(ATTR_REQUESTED, options.trials)
+    extra = ["--repeats", str(options.repeats)]
+    if options.timeout is not None:
+        extra += ["--timeout", str(options.timeout)]
+    while True:
+        with storage_errors(options.storage):
+            done = len(trial_records(context.study))
+        missing = options.trials - done
+        if missing <= 0:
+            return
+        shares = split_trials(missing, options.workers)
+        pool = WorkerPool(options.storage, context.name, shares, worker_environments(len(shares), device), extra)
+        events.note(f"starting {len(shares)} workers for {missing} trials ({', '.join(map(str, shares))} each)")
+        with relay_signals(pool.forward) as stop:
+            pool.start()
+            ends = pool.wait()
+        for end in ends:
+            if end.killed_by is not None and not stop.requested:
+                events.note(f"worker {end.index + 1} (process {end.pid}) was killed by {end.killed_by}")
+        with storage_errors(options.storage):
+            dead = reap_dead_trials(context.study)
+            after = len(trial_records(context.study))
+        if dead:
+            result.dead += dead
+            events.note(describe_dead(dead))
+        result.trials_run += after - done
+        if stop.requested:
+            result.interrupted = stop.signal_name
+            result.trial_failed = stop.hard
+            return
+        if after == done:
+            codes = ", ".join(f"worker {end.index + 1}: {end.returncode}" for end in ends)
+            raise StudyError(
+                f"the worker processes of study {context.name!r} finished no trial (exit codes {codes}); see their "
+                "messages above, or run with workers 1",
+                param="workers",
+            )
+        if options.timeout is not None:
+            return  # each worker had the whole timeout
 
 
 def export_study(
@@ -283,9 +384,166 @@ def export_study(
         return selection, None, None
     if output is None:
         name = "best.json" if chosen_budget is None else f"best-{str(chosen_budget).replace('%', 'pct')}.json"
-        output = output_dir(context.name) / name
+        output = output_dir(context.name, storage=storage) / name
     schedule = exported_schedule(selection, context, task, source)
     return selection, schedule, write_export(schedule, output)
+
+
+@dataclass
+class WorkResult:
+    """What :func:`work_on_study` did.
+
+    Attributes:
+        study: the study name.
+        trials_run: trials this worker finished.
+        finished: finished trials the study holds now.
+        requested: the study's requested count (its latest run's ``--trials``), or None.
+        interrupted: the signal that stopped the worker (``"SIGINT"``, ``"SIGTERM"``), else None.
+        trial_failed: its running trial was marked failed (stopped at once), not let finish.
+        dead: trials of dead processes this worker found (failed and queued again).
+    """
+
+    study: str
+    trials_run: int = 0
+    finished: int = 0
+    requested: int | None = None
+    interrupted: str | None = None
+    trial_failed: bool = False
+    dead: list[DeadTrial] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 done, 130 stopped by SIGINT, 143 by SIGTERM."""
+        return exit_code(self.interrupted) if self.interrupted else 0
+
+
+def work_on_study(
+    storage: str,
+    study: str | None,
+    *,
+    trials: int | None = None,
+    timeout: float | None = None,
+    repeats: int = 8,
+    worker: int | None = None,
+    events: RunEvents | None = None,
+) -> WorkResult:
+    """Join an existing study as one more worker: run its trials until it holds its requested count.
+
+    The study (made by ``tuner run``) says everything else: the evaluator and its settings, the budget, the space, the
+    sampler and seed. Any number of workers, on any machines that reach the storage, may run at once; Optuna's
+    storage coordinates them. No export: ``tuner export`` (or the ``run`` that started the study) does that.
+
+    Args:
+        storage: the storage URL (PostgreSQL or a journal file for workers on several machines).
+        study: the study name (optional when the storage holds one study).
+        trials: at most this many trials in this worker (default: until the study holds its requested count).
+        timeout: stop after this many seconds.
+        repeats: interleaved rounds of each trial's latency measurement.
+        worker: this worker's index, mixed into the sampler's seed (default: from the host name and process id, so
+            workers started by hand draw differently).
+        events: progress receiver.
+
+    Raises:
+        StorageError: the storage cannot be opened.
+        StudyError: no such study, not a tuner study, or neither ``trials`` nor a requested count to work towards.
+    """
+    import os
+    import socket
+    import zlib
+
+    events = events or QuietEvents()
+    for name, value in (("trials", trials), ("repeats", repeats)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TunerError(f"{name} must be an integer >= 1, got {value!r}", param=name)
+    if timeout is not None and timeout <= 0:
+        raise TunerError(f"timeout must be a number of seconds > 0, got {timeout:g}", param="timeout")
+    tune_allocator()
+    backend = open_storage(storage, create=False)
+    context = StudyContext.load(load_study(backend, storage, study), storage)
+    requested = context.requested_trials
+    if requested is None and trials is None:
+        raise StudyError(f"study {context.name!r} has no requested trial count yet; give trials", param="trials")
+    result = WorkResult(context.name, requested=requested)
+    if requested is not None:
+        target = requested
+    else:
+        assert trials is not None
+        with storage_errors(storage):
+            target = len(trial_records(context.study)) + trials
+    if worker is None:
+        worker = 1 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
+    events.note(f"loading the {context.meta['evaluator']} evaluator of study {context.name!r}")
+    task = evaluator_from_context(context)
+
+    def on_dead(dead: list[DeadTrial]) -> None:
+        result.dead += dead
+        events.note(describe_dead(dead))
+
+    search = context.search
+    runner = StudyRunner(
+        context,
+        task,
+        latency_source_for(context.latency_source, task),
+        str(search["sampler"]),
+        int(search["seed"]),
+        repeats,
+        on_trial=events.trial,
+        worker=worker,
+        on_dead=on_dead,
+    )
+    try:
+        with graceful_stop(runner.stop_search, lambda: runner.in_trial, events.note) as stop:
+            runner.stop = stop
+            result.trials_run = runner.run(target, timeout, share=trials if trials is not None else target)
+    except KeyboardInterrupt as error:
+        runner.fail_unfinished()
+        result.interrupted = error.signal_name if isinstance(error, Terminated) else "SIGINT"
+        result.trial_failed = True
+    else:
+        if stop.requested:
+            result.interrupted = stop.signal_name
+            result.trial_failed = stop.hard
+    with storage_errors(storage):
+        result.finished = len(trial_records(context.study))
+    return result
+
+
+def copy_study(source: str, target: str, study: str | None = None, to_study: str | None = None) -> tuple[str, int]:
+    """Copy a study, with all its trials and attributes, to another storage (e.g. from PostgreSQL to a local SQLite
+    file, to take it home); ``tuner export``, ``plot`` and ``studies`` then work on the copy.
+
+    Args:
+        source: the storage that holds the study.
+        target: the storage to copy it to (a SQLite or journal file is created).
+        study: the study (optional when the source holds one).
+        to_study: its name in the target (default: the same).
+
+    Returns:
+        ``(name in the target, trials copied)``.
+
+    Raises:
+        StorageError: a storage cannot be opened.
+        StudyError: no such study, or the target already holds a study of that name.
+    """
+    from_backend = open_storage(source, create=False)
+    loaded = load_study(from_backend, source, study)
+    to_backend = open_storage(target)
+    name = to_study or loaded.study_name
+    with storage_errors(target):
+        existing = {summary.study_name for summary in optuna.get_all_study_summaries(to_backend, False)}
+    if name in existing:
+        raise StudyError(
+            f"{public_url(target)} already holds a study {name!r}; give another to_study name or another target "
+            "storage",
+            param="to_study",
+        )
+    with storage_errors(source), storage_errors(target):
+        optuna.copy_study(
+            from_study_name=loaded.study_name, from_storage=from_backend, to_storage=to_backend, to_study_name=name
+        )
+        copied = optuna.load_study(study_name=name, storage=to_backend)
+        count = len(copied.get_trials(deepcopy=False))
+    return name, count
 
 
 def _prefer(value: str) -> Prefer:

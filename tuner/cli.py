@@ -1,8 +1,8 @@
-"""The ``tuner`` command line: run, export, plot, report, dashboard, studies, apply, spaces, schema.
+"""The ``tuner`` command line: run, worker, export, plot, report, dashboard, studies, copy, apply, spaces, schema.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix, no traceback, nothing stored is
-lost); 3 no schedule meets the budget (the closest is shown, the plot is still written); 130 interrupted (what is
-stored is kept; the same command resumes).
+lost); 3 no schedule meets the budget (the closest is shown, the plot is still written); 130 interrupted by SIGINT
+(Ctrl-C), 143 by SIGTERM (what is stored is kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ app = typer.Typer(
 EXIT_BAD_INPUT = 2
 EXIT_NO_FEASIBLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 DEFAULT_TRIALS = 200
 """Trials of a default run: on the demo, about 0.8 s each on 2 CPU cores (about 3.5 minutes for the whole run)."""
@@ -216,6 +217,15 @@ def run(
             "reproducible experiments; never a measurement, and labelled so everywhere)."
         ),
     ] = "measured",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Local worker processes that run the trials (one per GPU where there are GPUs; on a CPU-only machine "
+            "they share the cores, which distorts measured latency). Needs a PostgreSQL or journal:/// storage. More "
+            "workers, on any machine: `tuner worker`.",
+            min=1,
+        ),
+    ] = 1,
 ) -> None:
     """Search schedules under a latency budget; write studies/<study>/best.json and pareto.html.
 
@@ -223,8 +233,12 @@ def run(
     times its schedule in rounds interleaved with the unpruned model; latency_ms is the median ratio times the
     study's reference unpruned latency. For the demo with a budget in ms and no --batch-size, the batch of scenes
     per timed forward is sized to this machine when the study is created (and kept on resume). An existing study
-    with the same settings resumes (seed, sampler, trials, timeout, prefer, repeats and final-repeats may change);
-    one with other settings is refused. Exit 3 when no schedule meets the budget, 130 when interrupted.
+    with the same settings resumes; only --trials, --timeout, --prefer, --repeats, --final-repeats and --workers may
+    change on resume, and any other difference (--seed and --sampler included) is refused, naming it. Outputs go to
+    studies/<study>/ for the default storage, studies/<study>@<storage>/ for any other. Ctrl-C (SIGINT) lets the
+    running trial finish, SIGTERM marks it failed; both keep every finished trial, print the command that resumes,
+    and exit 130 or 143. Trials left RUNNING by a killed process are reported, failed and retried. Exit 3 when no
+    schedule meets the budget.
     """
     from tuner.api import run_study
     from tuner.progress import RunProgress
@@ -234,7 +248,7 @@ def run(
         "study": study, "model": model, "dataset": dataset, "dataset_split": dataset_split, "evaluator": evaluator,
         "calib": calib, "holdout": holdout, "batch_size": batch_size, "device": device, "dtype": dtype,
         "space": space, "repeats": repeats, "final_repeats": final_repeats, "latency_source": latency_source,
-        "prefer": prefer.value,
+        "prefer": prefer.value, "workers": workers,
     }  # fmt: skip
     options = _run_options(ctx, values, config)
     console = _console()
@@ -242,10 +256,11 @@ def run(
     with _quiet_libraries(options.storage):
         result = run_study(options, progress)
     if result.interrupted:
-        running = "the running trial was finished first" if result.interrupted == "sigint" else (
-            "the running trial is marked failed")  # fmt: skip
-        _report_interrupt(options.storage, result.study, _resume_command(options, result.study), running)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        running = "the running trial " + ("is marked failed" if result.trial_failed else "was finished first")
+        _report_interrupt(
+            options.storage, result.study, _resume_command(options, result.study), f"{result.interrupted}: {running}"
+        )
+        raise typer.Exit(result.exit_code)
     _print_selection(result.selection, progress, console)
     if result.schedule is None:
         console.print(f"plot: {result.plot_path}")
@@ -298,18 +313,21 @@ def _print_chosen(schedule: Any, path: Any, console: Console) -> None:
 
 
 def _resume_command(options: Any, study_name: str) -> str:
-    """The command that resumes this run: the study, its storage and every setting that defines it."""
+    """The command that resumes this run: the study, its storage (password hidden) and every setting that defines it."""
     import shlex
+
+    from tuner.storage import public_url
 
     words = ["python", "-m", "tuner", "run", "--budget", options.budget, "--study", study_name]
     defaults = {
-        "storage": DEFAULT_STORAGE, "space": "family", "device": "auto", "dtype": "auto", "latency_source": "measured"
+        "storage": DEFAULT_STORAGE, "space": "family", "device": "auto", "dtype": "auto", "latency_source": "measured",
+        "seed": 0, "sampler": "tpe", "workers": 1,
     }  # fmt: skip
     for name in ("storage", "model", "dataset", "dataset_split", "evaluator", "calib", "holdout", "batch_size", "space",
-                 "device", "dtype", "latency_source"):  # fmt: skip
+                 "device", "dtype", "latency_source", "seed", "sampler", "workers"):  # fmt: skip
         value = getattr(options, name)
         if value is not None and value != defaults.get(name):
-            words += [flag(name), str(value)]
+            words += [flag(name), public_url(value) if name == "storage" else str(value)]  # no password shown
     words += ["--trials", str(options.trials)]
     return shlex.join(words)
 
@@ -318,11 +336,11 @@ def _report_interrupt(storage: str, study_name: str, resume_hint: str, running: 
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.storage import public_url
+    from tuner.storage import open_storage, public_url
 
     finished = "some"
     with contextlib.suppress(Exception):
-        loaded = optuna.load_study(study_name=study_name, storage=storage)
+        loaded = optuna.load_study(study_name=study_name, storage=open_storage(storage, create=False))
         finished = str(len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
     typer.echo(
         f"interrupted: {finished} finished trials of study {study_name!r} are stored in {public_url(storage)} "
@@ -365,6 +383,81 @@ StudyOption = Annotated[
     str | None, typer.Option(help="Study name (see `tuner studies`); optional when the storage holds only one.")
 ]
 StorageOption = Annotated[str, typer.Option(help="Optuna storage URL.")]
+
+
+class _WorkerLines:
+    """A worker's progress: one plain line per event, marked with the worker's process id (workers share a log)."""
+
+    def __init__(self, console: Console) -> None:
+        import os
+
+        self.console = console
+        self.tag = f"worker {os.getpid()}"
+
+    def note(self, message: str) -> None:
+        self.console.print(f"{self.tag}: {message}", highlight=False, soft_wrap=True, markup=False)
+
+    def start(self, total: int, existing: list[Any]) -> None:
+        pass
+
+    def trial(self, outcome: Any) -> None:
+        verdict = "meets the budget" if outcome.feasible else "over the budget"
+        self.console.print(
+            f"{self.tag}: trial {outcome.number}: {outcome.summary}: accuracy {outcome.accuracy:.4f}, "
+            f"{outcome.latency_ms:.2f} ms ({verdict})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+
+    def stop(self) -> None:
+        pass
+
+
+@app.command()
+@one_line_errors
+def worker(
+    study: StudyOption = None,
+    storage: StorageOption = DEFAULT_STORAGE,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            help="At most this many trials in this worker (default: until the study holds its --trials).", min=1
+        ),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds of each trial's latency measurement.", min=1)] = 8,
+    worker_index: Annotated[
+        int | None,
+        typer.Option(help="This worker's number, mixed into the sampler's seed (default: from host and process id)."),
+    ] = None,
+) -> None:
+    """Join an existing study (made by `tuner run`) as one more worker, on this machine or any other.
+
+    Everything else comes from the study: evaluator, model, data, budget, space, sampler, seed. Start as many workers
+    as there are GPUs or machines, on a storage they all reach: PostgreSQL (pip install 'tuner[postgres]'; e.g.
+    --storage postgresql://user:pw@host/db) or a journal file on a shared file system (journal:////shared/tuner.log).
+    A worker that dies leaves its running trial behind; it is failed and retried by the next worker or run that looks
+    (at once on the same machine; after the heartbeat's grace period from another one). SIGINT lets the running trial
+    finish, SIGTERM marks it failed; exit 130 or 143. `tuner export` (or the run that made the study) exports.
+    """
+    from tuner.api import work_on_study
+
+    console = _console()
+    events = _WorkerLines(console)
+    with _quiet_libraries(storage):
+        result = work_on_study(
+            storage, study, trials=trials, timeout=timeout, repeats=repeats, worker=worker_index, events=events
+        )
+    requested = result.requested if result.requested is not None else "?"
+    events.note(
+        f"ran {result.trials_run} trials; study {result.study!r} holds {result.finished} finished of {requested} "
+        "requested"
+    )
+    if result.interrupted:
+        running = "the running trial " + ("is marked failed" if result.trial_failed else "was finished first")
+        events.note(f"stopped by {result.interrupted} ({running}); start the worker again to go on")
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -423,7 +516,7 @@ def plot(
 
     with _quiet_libraries(storage):
         context = _open_context(storage, study)
-        path = write_plot(context, output or output_dir(context.name) / "pareto.html")
+        path = write_plot(context, output or output_dir(context.name, storage=storage) / "pareto.html")
     typer.echo(f"plot: {path}")
 
 
@@ -444,7 +537,7 @@ def report(
 
     with _quiet_libraries(storage):
         context = _open_context(storage, study)
-        path = write_report(context, output or output_dir(context.name) / "report.html")
+        path = write_report(context, output or output_dir(context.name, storage=storage) / "report.html")
     typer.echo(f"report: {path}")
 
 
@@ -542,6 +635,28 @@ def _study_lines(context: Any, records: list[Any]) -> list[str]:
     else:
         lines.append("  exported: not yet (tuner export)")
     return lines
+
+
+@app.command(name="copy")
+@one_line_errors
+def copy_command(
+    from_storage: Annotated[str, typer.Option("--from", help="The storage that holds the study (any storage URL).")],
+    to_storage: Annotated[
+        str, typer.Option("--to", help="Where to copy it, e.g. sqlite:///home.db (a file is created).")
+    ],
+    study: StudyOption = None,
+    to_study: Annotated[str | None, typer.Option(help="Its name in the target (default: the same).")] = None,
+) -> None:
+    """Copy a study with all its trials to another storage (take a PostgreSQL study home as an SQLite file)."""
+    from tuner.api import copy_study
+    from tuner.storage import public_url
+
+    with _quiet_libraries(from_storage):
+        name, count = copy_study(from_storage, to_storage, study, to_study)
+    typer.echo(
+        f"copied study {name!r} ({count} trials) from {public_url(from_storage)} to {public_url(to_storage)}; "
+        f"e.g. python -m tuner studies --storage {public_url(to_storage)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ apply
@@ -661,9 +776,12 @@ def _usage_message(error: Any) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI. Usage errors and bad input end with one line on stderr and exit code 2."""
+    from tuner.signals import Terminated, terminate_on_sigterm
+
     usage_error, no_args_is_help = _click_exceptions()
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="tuner")
+        with terminate_on_sigterm():
+            code = app(args=argv, standalone_mode=False, prog_name="tuner")
     except no_args_is_help as error:
         context = getattr(error, "ctx", None)
         typer.echo(context.get_help() if context is not None else "")
@@ -673,8 +791,11 @@ def main(argv: list[str] | None = None) -> None:
         command = context.command_path if context is not None else "tuner"
         typer.echo(f"error: {_usage_message(error)} (see `{command} --help`)", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    except Terminated as error:
+        typer.echo(f"interrupted by {error.signal_name}; what is stored is kept", err=True)
+        sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
+        typer.echo("interrupted by SIGINT; what is stored is kept", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except _bad_input_errors() as error:
         typer.echo(f"error: {error_line(error)}", err=True)

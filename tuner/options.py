@@ -12,6 +12,7 @@ command line override it:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import sys
@@ -24,12 +25,13 @@ import numpy as np
 import optuna
 import torch
 
-from tuner.errors import TunerError
+from tuner.errors import EvaluatorError, TunerError
 from tuner.latency import Budget
-from tuner.storage import DEFAULT_STORAGE
+from tuner.storage import DEFAULT_STORAGE, same_storage, storage_path
 
 __all__ = [
     "LATENCY_SOURCES",
+    "RESUMABLE",
     "SAMPLERS",
     "RunOptions",
     "default_study_name",
@@ -38,6 +40,7 @@ __all__ = [
     "make_sampler",
     "output_dir",
     "resolve_device_name",
+    "storage_key",
 ]
 
 LATENCY_SOURCES = ("measured", "synthetic")
@@ -46,6 +49,10 @@ measurement)."""
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 """Sampler names ``sampler`` accepts (TPE is the default)."""
+
+RESUMABLE = ("trials", "timeout", "prefer", "repeats", "final_repeats", "workers")
+"""Settings that may differ when a study is resumed (or joined by a worker); every other setting defines the study, and
+a run that gives another value is refused with the difference named."""
 
 
 @dataclass
@@ -74,6 +81,8 @@ class RunOptions:
         final_repeats: rounds of the reference measurement and of the export's re-measurements.
         latency_source: ``measured`` (real timings) or ``synthetic`` (deterministic, for tests; never a measurement).
         prefer: which feasible Pareto-optimal schedule the export takes: ``accurate`` or ``fast``.
+        workers: local worker processes (``python -m tuner worker``) that run the trials; 1 runs them in this
+            process.
     """
 
     budget: str
@@ -97,6 +106,7 @@ class RunOptions:
     final_repeats: int = 20
     latency_source: str = "measured"
     prefer: str = "accurate"
+    workers: int = 1
 
     @property
     def evaluator_name(self) -> str:
@@ -124,20 +134,46 @@ class RunOptions:
         if self.sampler not in SAMPLERS:
             raise TunerError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
         if self.latency_source not in LATENCY_SOURCES:
-            raise TunerError(
-                f"unknown latency source {self.latency_source!r}; available: {', '.join(LATENCY_SOURCES)}"
-            )
+            raise TunerError(f"unknown latency source {self.latency_source!r}; available: {', '.join(LATENCY_SOURCES)}")
         if self.prefer not in ("accurate", "fast"):
             raise TunerError(f"prefer must be accurate or fast, got {self.prefer!r}", param="prefer")
         get_evaluator(self.evaluator_name)
         resolve_dtype(self.dtype, resolve_device(resolve_device_name(self.device)))
         if self.timeout is not None and self.timeout <= 0:
             raise TunerError(f"timeout must be a number of seconds > 0, got {self.timeout:g}", param="timeout")
-        for name in ("trials", "repeats", "final_repeats"):
+        for name in ("trials", "repeats", "final_repeats", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TunerError(f"{name} must be an integer >= 1, got {value!r}", param=name)
+        if self.workers > 1 and self.storage.startswith("sqlite"):
+            raise TunerError(
+                f"workers {self.workers} cannot share an SQLite storage (one writer at a time: they would wait on its "
+                "lock or fail); give a PostgreSQL URL or journal:///path as storage, or workers 1",
+                param=("workers", "storage"),
+            )
+        self._validate_task()
         return budget
+
+    def _validate_task(self) -> None:
+        """The task's settings, checked without loading anything: sizes, required options, model and dataset names.
+
+        The export re-scores its finalists on the held-out slice, so ``holdout`` must be 1 or more now, not after
+        the search.
+        """
+        from evaluators import get_evaluator
+        from evaluators.loading import check_source
+
+        for name, minimum in (("calib", 1), ("holdout", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                why = " (the export validates its choice on the held-out slice)" if name == "holdout" else ""
+                raise EvaluatorError(f"{name} must be an integer >= {minimum}{why}, got {value!r}", param=name)
+        evaluator = get_evaluator(self.evaluator_name)
+        evaluator.check_required({"model": self.model, "dataset": self.dataset})
+        for kind in ("model", "dataset"):
+            value = getattr(self, kind)
+            if value is not None and evaluator.requires:
+                check_source(value, kind)
 
     def evaluator_args(self) -> dict[str, Any]:
         """Constructor arguments of the evaluator (stored in the study, so ``export`` can rebuild it)."""
@@ -233,9 +269,44 @@ def default_study_name(model: str | None, evaluator: str, dataset: str | None, d
     return _slug("-".join(parts))
 
 
-def output_dir(study_name: str, root: str | os.PathLike[str] = "studies") -> Path:
-    """``studies/<study>/`` under the current folder (the study name made safe for a folder name)."""
-    return Path(root) / _slug(study_name)
+def output_dir(study_name: str, root: str | os.PathLike[str] = "studies", *, storage: str = DEFAULT_STORAGE) -> Path:
+    """Where a study's outputs go: ``studies/<study>/`` under the current folder for a study in the default storage,
+    ``studies/<study>@<storage key>/`` for one in any other storage, so that two storages holding studies of the same
+    name never overwrite each other's ``best.json`` (the study name made safe for a folder name).
+
+    Example:
+        >>> output_dir("demo-cpu-50ms").as_posix()
+        'studies/demo-cpu-50ms'
+        >>> output_dir("demo-cpu-50ms", storage="postgresql://tuner:secret@db/studies").as_posix()
+        'studies/demo-cpu-50ms@postgresql-db-studies-7fef94bc'
+    """
+    folder = _slug(study_name)
+    if not same_storage(storage, DEFAULT_STORAGE):
+        folder += "@" + storage_key(storage)
+    return Path(root) / folder
+
+
+def storage_key(storage: str) -> str:
+    """A short folder-safe name of a storage: its kind, where it is (never its password) and a hash of the whole.
+
+    File storages are keyed by their absolute path, so one file reached by two spellings gets one key.
+
+    Example:
+        >>> storage_key("postgresql://tuner:secret@db/studies")
+        'postgresql-db-studies-7fef94bc'
+    """
+    path = storage_path(storage)
+    scheme = storage.split(":", 1)[0]
+    kind = scheme.split("+")[0]
+    if path is not None:
+        identity = f"{scheme}:{path.resolve()}"
+        readable = f"{kind}-{path.stem}"
+    else:
+        location = re.sub(r"^[^:]+://([^@/]*@)?", "", storage)
+        identity = f"{scheme}://{location}"  # without user and password: a changed password keeps the folder
+        readable = f"{kind}-{location}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    return f"{_slug(readable)[:48]}-{digest}"
 
 
 def resolve_device_name(device: str) -> str:
@@ -248,30 +319,34 @@ def resolve_device_name(device: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- sampler
 
 
-def make_sampler(name: str, seed: int, finished_trials: int = 0) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler ``name``, seeded from ``seed`` and the trials the study already has.
+def make_sampler(name: str, seed: int, finished_trials: int = 0, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler ``name``, seeded from ``seed``, the trials the study already has and the worker.
 
     Mixing in ``finished_trials`` keeps a resumed study from replaying the random draws of its first session, while
-    two fresh studies with the same seed still draw the same.
+    two fresh studies with the same seed still draw the same; mixing in ``worker`` keeps parallel workers from
+    drawing the same. TPE runs with a constant liar: a worker treats the others' running trials as bad results, so
+    it does not propose the same region while they are measured.
 
     Args:
         name: one of :data:`SAMPLERS`.
         seed: the run's seed.
         finished_trials: trials already in the study.
+        worker: the worker's index (0 for a run in one process; ``python -m tuner worker`` processes count from 1).
 
     Raises:
         TunerError: an unknown name.
     """
     if name not in SAMPLERS:
         raise TunerError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
-    session_seed = int(np.random.SeedSequence([seed, finished_trials]).generate_state(1)[0])
+    entropy = [seed, finished_trials] if worker == 0 else [seed, finished_trials, worker]
+    session_seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
             # Multivariate over the parameters every trial has; the family's conditional shape parameters are sampled
             # independently (``group=True`` models them jointly too but reads the storage once per group: +10 ms a
             # trial here, 2% of a demo trial).
-            return optuna.samplers.TPESampler(seed=session_seed, multivariate=True)
+            return optuna.samplers.TPESampler(seed=session_seed, multivariate=True, constant_liar=True)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=session_seed, population_size=20)
         if name == "gp":

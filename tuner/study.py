@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import signal
 import statistics
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +36,10 @@ from tuner.errors import StudyError
 from tuner.evoprune import Schedule
 from tuner.latency import Budget, LatencySource, WorkloadChoice, parse_budget
 from tuner.measure import latency_source_for, measure_schedule
-from tuner.options import RunOptions, make_sampler
+from tuner.options import RESUMABLE, RunOptions, make_sampler
+from tuner.signals import StopRequest, Terminated
 from tuner.storage import public_url, storage_errors
+from tuner.workers import ATTR_WORKER, DeadTrial, TrialHeartbeat, owner_record, reap_dead_trials
 
 __all__ = [
     "ATTR_BASELINE",
@@ -49,20 +49,20 @@ __all__ = [
     "ATTR_META",
     "ATTR_REQUESTED",
     "ATTR_SCHEDULE",
+    "ATTR_SEARCH",
     "ATTR_SEED_POINT",
     "ATTR_SETTINGS",
     "CONSTRAINT_KEY",
     "DIRECTIONS",
     "METRIC_NAMES",
-    "StopRequest",
     "StudyContext",
     "StudyRunner",
     "TrialOutcome",
     "TrialRecord",
+    "check_resume",
     "create_or_resume",
     "evaluator_from_context",
     "load_study",
-    "stop_on_interrupt",
     "trial_records",
 ]
 
@@ -74,6 +74,7 @@ the budget in ms; <= 0 is feasible (the rule of :func:`tuner.latency.budget_verd
 
 # Study user attrs.
 ATTR_SETTINGS = "tuner.settings"
+ATTR_SEARCH = "tuner.search"
 ATTR_META = "tuner.meta"
 ATTR_REQUESTED = "tuner.requested_trials"
 ATTR_BASELINE = "tuner.baseline"
@@ -158,6 +159,12 @@ class StudyContext:
     def latency_source(self) -> str:
         """``measured``, or ``synthetic`` for a deterministic study made for tests."""
         return str(self.settings.get("latency_source", "measured"))
+
+    @property
+    def search(self) -> dict[str, Any]:
+        """The study's sampler and seed (``{"sampler": "tpe", "seed": 0}`` for a study made before they were kept)."""
+        found = self.study.user_attrs.get(ATTR_SEARCH)
+        return dict(found) if isinstance(found, dict) else {"sampler": "tpe", "seed": 0}
 
     @property
     def requested_trials(self) -> int | None:
@@ -287,6 +294,11 @@ def _identity(options: RunOptions, evaluator: Evaluator, budget: Budget) -> dict
     return dict(sorted(identity.items()))
 
 
+def _search(options: RunOptions) -> dict[str, Any]:
+    """The search settings a study keeps: its sampler and seed (another one on resume would change the trials)."""
+    return {"sampler": options.sampler, "seed": options.seed}
+
+
 def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     keys = list(dict.fromkeys([*wanted, *stored]))
     return [
@@ -301,8 +313,46 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _refuse_differences(study_name: str, storage_url: str, differences: list[str]) -> None:
+    if differences:
+        raise StudyError(
+            f"study {study_name!r} in {public_url(storage_url)} was made with different settings: "
+            f"{', '.join(differences)}; give another study name or the same settings (only "
+            f"{', '.join(RESUMABLE)} may change on resume)",
+            param=("study", *RESUMABLE),
+        )
+
+
+PRECHECKED = ("evaluator", "budget", "space", "latency_source", "calib", "holdout", "batch_size")
+"""Identity settings a resumed study is checked on before its model loads (the rest need the loaded task)."""
+
+
+def check_resume(study: optuna.Study, storage_url: str, options: RunOptions, budget: Budget, device: str) -> None:
+    """Refuse, before any model loads, a resume whose settings differ from the stored study's where that can be
+    told from the settings alone: the sampler and seed, the evaluator, budget, space, latency source and device, and
+    the sizes given explicitly. :func:`create_or_resume` checks the whole identity once the task is loaded.
+
+    Raises:
+        StudyError: the differences, named.
+    """
+    stored = study.user_attrs.get(ATTR_SETTINGS)
+    wanted: dict[str, Any] = {
+        "evaluator": options.evaluator_name, "budget": str(budget), "space": options.space,
+        "latency_source": options.latency_source, "device": device, "calib": options.calib,
+        "holdout": options.holdout, "batch_size": options.batch_size,
+    }  # fmt: skip
+    differences = []
+    if isinstance(stored, dict):
+        known = {key: value for key, value in wanted.items() if key in stored and value is not None}
+        differences += _differences({key: stored[key] for key in known}, known)
+    stored_search = study.user_attrs.get(ATTR_SEARCH)
+    if isinstance(stored_search, dict):
+        differences += _differences(stored_search, _search(options))
+    _refuse_differences(study.study_name, storage_url, differences)
+
+
 def create_or_resume(
-    storage: optuna.storages.RDBStorage,
+    storage: optuna.storages.BaseStorage,
     storage_url: str,
     study_name: str,
     options: RunOptions,
@@ -341,12 +391,11 @@ def create_or_resume(
                 "name",
                 param="study",
             )
-        if stored is not None and stored != identity:
-            raise StudyError(
-                f"study {study_name!r} in {public_url(storage_url)} was made with different settings: "
-                f"{', '.join(_differences(stored, identity))}; give another study name or the same settings",
-                param="study",
-            )
+        differences = _differences(stored, identity) if stored is not None else []
+        stored_search = study.user_attrs.get(ATTR_SEARCH)
+        if isinstance(stored_search, dict):
+            differences += _differences(stored_search, _search(options))
+        _refuse_differences(study_name, storage_url, differences)
         if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
             raise StudyError(
                 f"study {study_name!r} does not maximise accuracy and minimise latency; give another study name",
@@ -381,6 +430,8 @@ def create_or_resume(
                 "created": _now(),
             },
         )
+    if ATTR_SEARCH not in attrs:
+        study.set_user_attr(ATTR_SEARCH, _search(options))
     if ATTR_BASELINE not in attrs:
         # Seeds first: an interruption before the reference is stored leaves the study "new", and the next run
         # enqueues again (skip_if_exists keeps one of each).
@@ -503,6 +554,13 @@ class StudyRunner:
         seed: ``--seed``.
         rounds: interleaved rounds of each trial's latency measurement.
         on_trial: called with each :class:`TrialOutcome` (the progress display).
+        worker: the worker's index (0 in a single-process run; workers count from 1), mixed into the sampler's seed.
+        on_dead: called with the trials found left behind by dead processes (before the first trial and after each).
+
+    Attributes:
+        stop: the signals' request (set by the caller inside :func:`tuner.signals.graceful_stop`): a hard stop fails
+            a trial that was asked for but not yet started.
+        in_trial: whether an objective call is running now.
     """
 
     def __init__(
@@ -514,8 +572,14 @@ class StudyRunner:
         seed: int,
         rounds: int = 8,
         on_trial: Callable[[TrialOutcome], None] | None = None,
+        worker: int = 0,
+        on_dead: Callable[[list[DeadTrial]], None] | None = None,
     ) -> None:
         self.context = context
+        self.worker = worker
+        self.on_dead = on_dead
+        self.stop: StopRequest | None = None
+        self.in_trial = False
         self.evaluator = evaluator
         self.source = source
         self.space = context.space
@@ -534,7 +598,7 @@ class StudyRunner:
             if record.fingerprint and record.evaluation.get("duplicate_of") is None:
                 self._cache.setdefault(record.fingerprint, {**record.evaluation, "trial": record.number})
         finished = len(context.study.get_trials(deepcopy=False))
-        context.study.sampler = make_sampler(sampler_name, seed, finished)
+        context.study.sampler = make_sampler(sampler_name, seed, finished, worker)
 
     @property
     def study(self) -> optuna.Study:
@@ -545,8 +609,23 @@ class StudyRunner:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
-        """One trial: schedule -> (accuracy on the calibration subset, measured latency in ms), with the constraint."""
+        """One trial: schedule -> (accuracy on the calibration subset, measured latency in ms), with the constraint.
+
+        The trial first records which process runs it (:data:`tuner.workers.ATTR_WORKER`), so that it is found and
+        retried should this process die.
+        """
+        if self.stop is not None and self.stop.hard:
+            raise Terminated(self.stop.signal_name or "SIGTERM")  # Optuna marks the trial failed
+        self.in_trial = True
+        try:
+            with TrialHeartbeat(self.study, trial._trial_id):
+                return self._objective(trial)
+        finally:
+            self.in_trial = False
+
+    def _objective(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
+        trial.set_user_attr(ATTR_WORKER, owner_record(trial.number))
         self.current_trial = trial
         schedule = self.space.sample(trial, self.shape)
         fingerprint = schedule.fingerprint()
@@ -609,20 +688,54 @@ class StudyRunner:
             return {"by": "seed point", "seed_point": label}
         return {"by": "sampler", "sampler": self.sampler_name, "seed": self.seed}
 
-    def run(self, total_trials: int, timeout: float | None) -> int:
+    def run(self, total_trials: int, timeout: float | None, share: int | None = None) -> int:
         """Run trials until the study holds ``total_trials`` finished ones (or ``timeout`` seconds pass).
+
+        Before the first trial and after each one, trials left RUNNING by dead processes on this host are failed and
+        queued again (:func:`tuner.workers.reap_dead_trials`; ``on_dead`` hears of them).
+
+        Args:
+            total_trials: finished trials the study should hold (the run's ``--trials``).
+            timeout: seconds, or None.
+            share: a worker's share: run at most this many trials, and stop early once the study holds
+                ``total_trials`` (other workers finished them); the study's requested count is left as it is.
 
         Returns:
             Trials run in this session.
         """
-        self.study.set_user_attr(ATTR_REQUESTED, total_trials)
-        missing = max(0, total_trials - self.completed())
-        if missing == 0:
-            return 0
-        before = len(self.outcomes)
         with storage_errors(self.context.storage_url):
-            self.study.optimize(self.objective, n_trials=missing, timeout=timeout, gc_after_trial=False)
+            self._reap()
+            if share is None:
+                self.study.set_user_attr(ATTR_REQUESTED, total_trials)
+            missing = max(0, total_trials - self.completed())
+            if share is not None:
+                missing = min(missing, share)
+            if missing == 0:
+                return 0
+            before = len(self.outcomes)
+
+            def after_trial(study: optuna.Study, _trial: FrozenTrial) -> None:
+                self._reap()
+                if share is not None and self.completed() >= total_trials:
+                    study.stop()
+
+            self.study.optimize(
+                self.objective, n_trials=missing, timeout=timeout, gc_after_trial=False, callbacks=[after_trial]
+            )
         return len(self.outcomes) - before
+
+    def _reap(self) -> None:
+        dead = reap_dead_trials(self.study)
+        if dead and self.on_dead is not None:
+            self.on_dead(dead)
+
+    def stop_search(self) -> bool:
+        """Ask the search to end after the running trial; False when no search is running (outside ``optimize``)."""
+        try:
+            self.study.stop()
+        except RuntimeError:
+            return False
+        return True
 
     def fail_unfinished(self) -> None:
         """Mark this session's last trial failed if it is still running (after a hard interrupt)."""
@@ -636,42 +749,7 @@ class StudyRunner:
                 self.study.tell(trial.number, state=TrialState.FAIL)
 
 
-@dataclass
-class StopRequest:
-    """Set by :func:`stop_on_interrupt` when Ctrl-C asked the search to stop."""
-
-    requested: bool = False
-
-
-@contextlib.contextmanager
-def stop_on_interrupt(study: optuna.Study, note: Callable[[str], None]) -> Iterator[StopRequest]:
-    """First Ctrl-C: let the running trial finish, then stop (``study.stop()``); a second one interrupts at once.
-
-    Outside the main thread (where signal handlers cannot be set) Ctrl-C keeps its default behaviour.
-    """
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def on_interrupt(_signum: int, _frame: Any) -> None:
-        if request.requested:
-            raise KeyboardInterrupt
-        try:
-            study.stop()
-        except RuntimeError:  # not inside the optimisation loop
-            raise KeyboardInterrupt from None
-        request.requested = True
-        note("stopping after the running trial (Ctrl-C again to stop at once)")
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield request
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def load_study(storage: optuna.storages.RDBStorage, storage_url: str, name: str | None) -> optuna.Study:
+def load_study(storage: optuna.storages.BaseStorage, storage_url: str, name: str | None) -> optuna.Study:
     """A stored study by name; without a name, the only study in the storage.
 
     Raises:
@@ -692,4 +770,3 @@ def load_study(storage: optuna.storages.RDBStorage, storage_url: str, name: str 
         raise StudyError(f"no study {name!r} in {public_url(storage_url)}; stored studies: {listed}")
     with storage_errors(storage_url):
         return optuna.load_study(study_name=name, storage=storage)
-
