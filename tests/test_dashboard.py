@@ -302,7 +302,7 @@ def test_report_in_chromium_renders_every_figure_offline_without_console_errors(
 def test_a_study_run_while_the_dashboard_reads_the_storage_loses_no_trial(tmp_path: Path) -> None:
     storage = storage_of(tmp_path)
     open_storage(storage)  # an empty storage for the dashboard to watch
-    trials = 24
+    trials = 20
     log = tmp_path / "run.log"
     with dashboard_server(tmp_path, storage) as address, open(log, "w") as output_file:
         run = subprocess.Popen(
@@ -312,13 +312,13 @@ def test_a_study_run_while_the_dashboard_reads_the_storage_loses_no_trial(tmp_pa
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         polls, seen = 0, 0
-        while run.poll() is None:  # the page's polling, and faster
+        while run.poll() is None:  # the page's polling (its live update), four times a second
             studies = api(address, "/api/studies")["study_summaries"]
             for study in studies:
                 detail = api(address, f"/api/studies/{study['study_id']}")
                 seen = max(seen, sum(t["state"] == "Complete" for t in detail["trials"]))
             polls += 1
-            time.sleep(0.1)
+            time.sleep(0.25)
         output = log.read_text()
         final = api(address, f"/api/studies/{study_id(address, 'watched')}")
     assert run.returncode == 0, output
@@ -372,3 +372,18 @@ def test_a_run_saves_the_figures_now_and_then_not_after_every_trial(study_folder
     now[0] += 20.0
     publisher.trial_finished()
     assert publisher.saves == 2 and figures_up_to_date(context)
+
+
+def test_the_dashboard_saves_figures_that_are_out_of_date_when_it_starts(study_folder: Path) -> None:
+    from tuner.dashboard import SYSTEM_ATTR_STATE, refresh_studies
+
+    url = storage_of(study_folder)
+    storage = open_storage(url, create=False)
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    context = StudyContext.load(study, url)
+    storage.set_study_system_attr(study._study_id, SYSTEM_ATTR_STATE, "made by an older tuner")
+    assert not figures_up_to_date(context)
+    saved: list[str] = []
+    assert refresh_studies(storage, url, saved.append) == [STUDY]
+    assert saved == [f"saving the tuner's figures into study {STUDY!r}"] and figures_up_to_date(context)
+    assert refresh_studies(storage, url, saved.append) == [STUDY] and len(saved) == 1  # up to date: nothing saved
