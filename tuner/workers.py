@@ -316,7 +316,14 @@ def _gpu_count() -> int:
 
 
 def worker_environments(workers: int, device: str, base: Mapping[str, str] | None = None) -> list[dict[str, str]]:
-    """The environment of each local worker: one GPU each (``CUDA_VISIBLE_DEVICES``, round robin) on a CUDA device.
+    """The environment of each local worker: one GPU each (``CUDA_VISIBLE_DEVICES``, round robin over the GPUs this
+    process may use) on a CUDA device; on a CPU device the environment as it is.
+
+    Example:
+        >>> [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(3, "cuda", {"CUDA_VISIBLE_DEVICES": "3,5"})]
+        ['3', '5', '3']
+        >>> worker_environments(2, "cpu", {"HOME": "/root"})
+        [{'HOME': '/root'}, {'HOME': '/root'}]
 
     Args:
         workers: how many.
@@ -324,9 +331,10 @@ def worker_environments(workers: int, device: str, base: Mapping[str, str] | Non
         base: the environment to start from (default: this process's).
     """
     environment = dict(os.environ if base is None else base)
-    gpus = _gpu_count() if device.startswith("cuda") else 0
-    visible = [part for part in environment.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
-    pool = visible or [str(index) for index in range(gpus)]
+    pool: list[str] = []
+    if device.startswith("cuda"):
+        visible = [part.strip() for part in environment.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+        pool = visible or [str(index) for index in range(_gpu_count())]
     result = []
     for index in range(workers):
         own = dict(environment)
