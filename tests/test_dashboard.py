@@ -44,6 +44,9 @@ SETTINGS: dict[str, Any] = {
 
 Cli = Callable[..., Any]
 
+SCREENSHOTS = Path(os.environ["TUNER_SCREENSHOTS"]).resolve() if os.environ.get("TUNER_SCREENSHOTS") else None
+"""Where the screenshots also go (the README's: docs/images), from the folder pytest started in."""
+
 
 @contextlib.contextmanager
 def working_dir(folder: Path) -> Iterator[None]:
@@ -171,10 +174,9 @@ def save_screenshot(page: Any, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
-    target = os.environ.get("TUNER_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(target) / name)
+    if SCREENSHOTS is not None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SCREENSHOTS / name)
     return path
 
 
@@ -273,15 +275,17 @@ def test_dashboard_in_chromium_lists_the_study_and_renders_optunas_and_the_tuner
 
 
 def test_report_in_chromium_renders_every_figure_offline_without_console_errors(
-    study_folder: Path, browser: Any, tmp_path: Path, tuner_cli: Cli
+    study_folder: Path, browser: Any, tmp_path: Path, tuner_cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(study_folder)  # where the run wrote best.json: the report shows it, with its provenance
     report = tmp_path / "report.html"
     result = tuner_cli("report", "--study", STUDY, "--storage", storage_of(study_folder), "-o", str(report))
     assert result.code == 0, result.out + result.err
     assert result.out.strip() == f"report: {report}"
     document = report.read_text()
     assert "<script src=" not in document and 'src="http' not in document  # plotly.js inlined: works offline
-    for heading in ("Pareto-optimal schedules", "Exported schedule", "Machine and versions", "remove_per_layer"):
+    for heading in ("Pareto-optimal schedules", "Exported schedule", "Machine and versions", "remove_per_layer",
+                    "&quot;provenance&quot;", "versions at the export"):  # fmt: skip
         assert heading in document
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     errors = console_errors(page)

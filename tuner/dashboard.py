@@ -216,9 +216,11 @@ def feasible_best_trials(
 
 
 def _with_constraints(serialize: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    def serialize_trial(study_id: int, trial: optuna.trial.FrozenTrial, study_system_attrs: dict[str, Any]) -> Any:
-        serialized = serialize(study_id, trial, study_system_attrs)
-        serialized["constraints"] = [float(value) for value in trial.constraints.values()]
+    def serialize_trial(*args: Any, **kwargs: Any) -> Any:
+        serialized = serialize(*args, **kwargs)
+        trial = next((a for a in (*args, *kwargs.values()) if isinstance(a, optuna.trial.FrozenTrial)), None)
+        if trial is not None and isinstance(serialized, dict):
+            serialized["constraints"] = [float(value) for value in trial.constraints.values()]
         return serialized
 
     serialize_trial.tuner_fix = True  # type: ignore[attr-defined]

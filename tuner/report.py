@@ -9,6 +9,7 @@ schedule's JSON, and the machine and versions the latencies were measured on. Ev
 from __future__ import annotations
 
 import html
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import plotly
 from tuner import __version__
 from tuner.errors import TunerError
 from tuner.figures import FIGURE_IDS, exported_trial, study_figures, study_summary
+from tuner.options import output_dir
 from tuner.storage import public_url
 from tuner.study import ATTR_FINAL, StudyContext, TrialRecord, trial_records
 from tuner.tables import STYLE, pareto_table
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["export_file", "render_report", "write_report"]
 
 
 def _definition_list(items: dict[str, Any]) -> str:
@@ -58,7 +60,35 @@ def _exported_section(context: StudyContext, records: list[TrialRecord]) -> str:
         "exported at": final.get("at"),
         "write its JSON": summary.export_command,
     }
-    return _definition_list(facts) + f"<pre>{html.escape(schedule.to_json())}</pre>"
+    found = export_file(context, chosen)
+    if found is not None:
+        path, text = found
+        facts["its JSON"] = f"{path} (with its metrics and provenance: open it below)"
+        return (
+            _definition_list(facts)
+            + f"<details><summary>{html.escape(str(path))}</summary><pre>{html.escape(text)}</pre></details>"
+        )
+    facts["its JSON"] = (
+        "not found here: the schedule alone is below; `tuner export` writes it with metrics and provenance"
+    )
+    return (
+        _definition_list(facts)
+        + f"<details open><summary>the schedule</summary><pre>{html.escape(schedule.to_json())}</pre></details>"
+    )
+
+
+def export_file(context: StudyContext, trial: int | None = None) -> tuple[Path, str] | None:
+    """The study's exported ``best.json`` (where ``tuner run``/``export`` writes it, from the current folder) and its
+    text, when it exists and holds the study's ``trial`` (any trial when None); else None."""
+    path = output_dir(context.name, storage=context.storage_url) / "best.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+        provenance = json.loads(text).get("provenance") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if provenance.get("study") != context.name or (trial is not None and provenance.get("trial") != trial):
+        return None
+    return path, text
 
 
 def _machine_section(context: StudyContext) -> str:
@@ -76,6 +106,10 @@ def _machine_section(context: StudyContext) -> str:
     workload = context.meta.get("workload")
     if isinstance(workload, dict) and workload.get("reason"):
         measured["workload"] = workload["reason"]
+    found = export_file(context, exported_trial(context))
+    versions = (json.loads(found[1]).get("provenance") or {}).get("versions") if found else None
+    if isinstance(versions, dict):
+        measured["versions at the export"] = ", ".join(f"{name} {version}" for name, version in versions.items())
     now = {
         "tuner": __version__,
         "optuna": optuna.__version__,
