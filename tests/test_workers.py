@@ -264,6 +264,21 @@ def test_sigint_and_sigterm_keep_finished_trials_and_the_study_resumes(
     assert min(set(finished) - set(kept)) > max(kept)
 
 
+def test_a_worker_joins_a_study_and_runs_it_to_its_requested_trials(
+    tmp_path: Path, cli_fd: Callable[..., TunerCliResult]
+) -> None:
+    url = f"journal:///{tmp_path}/shared.log"
+    started = cli_fd("run", *TINY, "--storage", url, "--trials", "6", "--timeout", "0.01")  # stops after one trial
+    assert started.code in (0, 3), started.out[-2000:] + started.err[-2000:]
+    assert len(complete(load_trials(url))) < 6
+    joined = cli_fd("worker", "--study", STUDY, "--storage", url)
+    assert joined.code == 0, joined.out[-2000:] + joined.err[-2000:]
+    assert f"study '{STUDY}' holds 6 finished of 6 requested" in joined.out
+    trials = load_trials(url)
+    assert len(complete(trials)) == 6 and sorted(t.number for t in trials) == list(range(6))
+    assert "Traceback" not in joined.err
+
+
 # ----------------------------------------------------------------------------------------------------------- copy
 
 
