@@ -190,7 +190,11 @@ def test_no_feasible_schedule_exits_3_shows_the_closest_and_still_plots(tuner_wo
     ("option", "value", "fragments"),
     [
         ("--space", "nope", ("unknown search space 'nope'", "family, keep_ratios")),
-        ("--evaluator", "nope", ("unknown evaluator 'nope'", "demo, fidelity, zeroshot")),
+        (
+            "--evaluator",
+            "nope",
+            ("unknown evaluator 'nope'", "demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot"),
+        ),
         ("--sampler", "nope", ("unknown sampler 'nope'", "tpe, nsga2, gp, random")),
         ("--model", "/no/such/model --dataset /no/such/data", ("no such folder",)),
         ("--trials", "0", ("--trials",)),

@@ -168,7 +168,11 @@ def run(
         str | None, typer.Option(help="Model folder or hub id; without it the offline demo model is tuned.")
     ] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="Dataset (folder, file or hub id) for the fidelity/zeroshot evaluators.")
+        str | None,
+        typer.Option(
+            help="Dataset (folder, file or hub id) for the fidelity/zeroshot evaluators; the LLaVA tasks default to "
+            "their benchmark's hub id."
+        ),
     ] = None,
     dataset_split: Annotated[
         str | None,
@@ -177,8 +181,8 @@ def run(
     evaluator: Annotated[
         str | None,
         typer.Option(
-            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot, or "
-            "one an installed package adds."
+            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot, the "
+            "LLaVA tasks pope, mme, scienceqa, mmbench, mllm (a local VQA dataset), or one an installed package adds."
         ),
     ] = None,
     calib: Annotated[
