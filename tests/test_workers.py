@@ -33,6 +33,9 @@ TINY: tuple[str, ...] = (
 """A demo study whose trials take milliseconds (synthetic latency: deterministic, labelled NOT measured)."""
 
 KINDS = ("sqlite", "journal", "postgres")
+
+KILLED_TOTAL = 16
+"""Trials of the killed-worker study."""
 WORKERS = {"sqlite": 1, "journal": 4, "postgres": 4}
 """SQLite is for one process (a run with --workers refuses it); the others take four workers."""
 TOTAL = {"sqlite": 40, "journal": 40, "postgres": 100}
@@ -190,7 +193,11 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(
     storage: tuple[str, str], tuner_workdir: Path, env: dict[str, str], cli_fd: Callable[..., TunerCliResult]
 ) -> None:
     kind, url = storage
-    args = ("run", *TINY, "--storage", url, "--trials", "8")
+    # Trials of 64 calibration scenes (tens of ms, not a few): the poller must see one RUNNING before all are done,
+    # also on a loaded CI machine where it polls slowly.
+    previous = ("", *TINY[:-1])
+    slow = tuple("64" if before == "--calib" else value for before, value in zip(previous, TINY, strict=True))
+    args = ("run", *slow, "--storage", url, "--trials", str(KILLED_TOTAL))
     if kind == "sqlite":  # one process: the run itself is killed, and the next run finds its trial
         process = subprocess.Popen(tuner(*args), cwd=tuner_workdir, env=env, stdout=subprocess.DEVNULL)
         victim, number = kill_mid_trial(url, lambda: process.poll() is None, None, after=2)
@@ -215,7 +222,7 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(
     assert trials[number].state == TrialState.FAIL
     # The retry runs the dead trial's parameters (those it had drawn when it died) again.
     assert retry.state == TrialState.COMPLETE and retry.params.items() >= trials[number].params.items()
-    assert len(complete(list(trials.values()))) == 8
+    assert len(complete(list(trials.values()))) == KILLED_TOTAL
     assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
 
 
