@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,6 +86,24 @@ class StopRequest:
 
 
 @contextlib.contextmanager
+def _quiet_in_finalisers() -> Iterator[None]:
+    """Inside the block, a :class:`Terminated` raised while Python runs a finaliser (``__del__``, a weakref callback)
+    is dropped instead of printed as "Exception ignored in ... Traceback": Python cannot raise from there, and the
+    handler has recorded the stop request before raising, so the search still stops (after the running trial)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Terminated):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextlib.contextmanager
 def graceful_stop(
     stop_search: Callable[[], bool], in_trial: Callable[[], bool], note: Callable[[str], None]
 ) -> Iterator[StopRequest]:
@@ -123,7 +142,8 @@ def graceful_stop(
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield request
+        with _quiet_in_finalisers():
+            yield request
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -167,6 +187,7 @@ def terminate_on_sigterm() -> Iterator[None]:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        with _quiet_in_finalisers():
+            yield
     finally:
         signal.signal(signal.SIGTERM, previous)
