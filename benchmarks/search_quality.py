@@ -42,6 +42,7 @@ from evaluators.demo import DemoEvaluator  # noqa: E402
 from search_spaces import EncoderShape  # noqa: E402
 from tuner.evoprune import Schedule, Scoring, apply  # noqa: E402
 from tuner.export import select_schedule  # noqa: E402
+from tuner.figures import hypervolume  # noqa: E402
 from tuner.latency import LatencySource, parse_budget  # noqa: E402
 from tuner.measure import latency_source_for, measure_schedule  # noqa: E402
 from tuner.options import RunOptions  # noqa: E402
@@ -55,26 +56,6 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "decreasing": {"alpha": 2.0},
 }
 KEEP_SHARES = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1)
-
-
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by ``(accuracy, latency ratio)`` points (maximise accuracy, minimise ratio) within the box
-    accuracy >= 0, ratio <= 1 (the unpruned model's latency).
-
-    Example:
-        >>> hypervolume([(0.9, 0.5), (0.5, 0.25), (1.0, 1.2)])  # the last point is slower than unpruned: no area
-        0.575
-    """
-    inside = sorted((ratio, accuracy) for accuracy, ratio in points if ratio < 1.0 and accuracy > 0.0)
-    if not inside:
-        return 0.0
-    edges = [ratio for ratio, _ in inside[1:]] + [1.0]
-    area, best = 0.0, 0.0
-    # Each strip from a point's ratio to the next slower one counts the best accuracy reached at that latency or faster.
-    for (ratio, accuracy), edge in zip(inside, edges, strict=True):
-        best = max(best, accuracy)
-        area += best * (edge - ratio)
-    return area
 
 
 @dataclass
