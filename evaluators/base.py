@@ -22,6 +22,7 @@ from tuner.registry import EVALUATOR_GROUP, Registry
 
 __all__ = [
     "EVALUATORS",
+    "LATENCY_SCOPES",
     "Evaluator",
     "EvaluatorError",
     "EvaluatorOptions",
@@ -33,6 +34,17 @@ __all__ = [
 ]
 
 Split = Literal["calib", "holdout"]
+
+LATENCY_SCOPES: dict[str, str] = {
+    "encoder": "the vision path: pixels on the device to the visual features (the encoder, and a multimodal LLM's "
+    "projector)",
+    "prefill": "pixels and prompt on the device to the first new token's logits (vision tower, projector and the "
+    "language model's prefill): time to first token",
+    "generate": "pixels and prompt on the device to {new_tokens} new tokens, greedy (prefill and {new_tokens} decoding "
+    "steps)",
+}
+"""What each latency scope times (``--latency-scope``); an evaluator says which it offers
+(:attr:`Evaluator.latency_scopes`). The budget applies to the chosen scope."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class EvaluatorOptions:
         device: where the model runs.
         dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         seed: seeds the calibration/held-out split (and anything else random in the task).
+        latency_scope: what is timed (:data:`LATENCY_SCOPES`); None for the evaluator's default.
+        new_tokens: tokens generated per timed call with the ``generate`` scope.
 
     Example:
         >>> EvaluatorOptions.of(None, {"calib": 64, "seed": 3}).calib
@@ -57,7 +71,7 @@ class EvaluatorOptions:
         Traceback (most recent call last):
         ...
         tuner.errors.EvaluatorError: unknown evaluator option 'calibration'; valid: model, dataset, dataset_split, \
-calib, holdout, batch_size, device, dtype, seed
+calib, holdout, batch_size, device, dtype, seed, latency_scope, new_tokens
     """
 
     model: str | None = None
@@ -69,6 +83,8 @@ calib, holdout, batch_size, device, dtype, seed
     device: str | torch.device = "cpu"
     dtype: str | torch.dtype = "auto"
     seed: int = 0
+    latency_scope: str | None = None
+    new_tokens: int = 16
 
     @classmethod
     def of(cls, options: EvaluatorOptions | None, settings: Mapping[str, Any]) -> EvaluatorOptions:
@@ -105,6 +121,12 @@ class Evaluator(ABC):
     name: ClassVar[str]
     requires: ClassVar[dict[str, str]] = {}
     """Options this evaluator cannot run without, each with what it must be (checked by :meth:`check_required`)."""
+    latency_scopes: ClassVar[tuple[str, ...]] = ("encoder",)
+    """The latency scopes (:data:`LATENCY_SCOPES`) this evaluator can time; the first is its default."""
+    latency_scope: str = "encoder"
+    """The scope :meth:`latency_call` times (set from the options by :meth:`_set_runtime`)."""
+    new_tokens: int = 16
+    """Tokens generated per timed call with the ``generate`` scope."""
     model: nn.Module
     batch_size: int
     device: torch.device
@@ -117,7 +139,48 @@ class Evaluator(ABC):
 
     @abstractmethod
     def latency_call(self) -> Callable[[], Any]:
-        """A zero-argument callable that runs the timed scope (the encoder path) on one batch of ``batch_size``."""
+        """A zero-argument callable that runs the timed scope (:attr:`latency_scope`) on one batch of ``batch_size``."""
+
+    def describe_latency(self) -> str:
+        """What one timed call covers, in words (the study, ``--help`` and the export say it)."""
+        what = LATENCY_SCOPES[self.latency_scope].format(new_tokens=self.new_tokens)
+        return f"{self.latency_scope} scope: {what}; one batch of {self.batch_size}"
+
+    @classmethod
+    def check_latency_scope(cls, scope: str | None, new_tokens: int = 16) -> str:
+        """The scope this evaluator times for ``scope`` (None: its default).
+
+        Raises:
+            EvaluatorError: a scope this evaluator cannot time (the message lists those it can), or ``new_tokens``
+                below 1.
+
+        Example:
+            >>> class Encoder(Evaluator):
+            ...     name = "encoder-only"
+            >>> Encoder.check_latency_scope(None)
+            'encoder'
+            >>> Encoder.check_latency_scope("prefill")
+            Traceback (most recent call last):
+            ...
+            tuner.errors.EvaluatorError: the encoder-only evaluator cannot time the prefill scope (it has no language \
+model); available: encoder
+        """
+        if scope is None:
+            return cls.latency_scopes[0]
+        if scope not in LATENCY_SCOPES:
+            raise EvaluatorError(
+                f"unknown latency scope {scope!r}; available: {', '.join(LATENCY_SCOPES)}", param="latency_scope"
+            )
+        if scope not in cls.latency_scopes:
+            why = " (it has no language model)" if cls.latency_scopes == ("encoder",) else ""
+            raise EvaluatorError(
+                f"the {cls.name} evaluator cannot time the {scope} scope{why}; available: "
+                f"{', '.join(cls.latency_scopes)}",
+                param="latency_scope",
+            )
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise EvaluatorError(f"new_tokens must be an integer >= 1, got {new_tokens!r}", param="new_tokens")
+        return scope
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
@@ -158,6 +221,8 @@ class Evaluator(ABC):
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.batch_size = resolve_batch_size(options.batch_size, default_batch_size)
         self.seed = int(options.seed)
+        self.latency_scope = self.check_latency_scope(options.latency_scope, options.new_tokens)
+        self.new_tokens = int(options.new_tokens)
 
 
 def evaluator_class(name: str, loaded: Any) -> type[Evaluator]:

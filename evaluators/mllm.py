@@ -4,7 +4,9 @@ Each item is an image, a question and its options (``Yes``/``No``, or lettered c
 ``USER: <image>\\n... ASSISTANT:``) is built once, identically for the unpruned model and every trial; one forward
 gives the next-token distribution after it, and the option whose token is most likely is the answer (no generation,
 so no decoding settings enter the score). Schedules are applied with :func:`tuner.mllm.prepare_llava`, so the prompts'
-image tokens follow the pruned count; the timed scope is the prefill: pixels and prompt to the first token's logits.
+image tokens follow the pruned count. The timed scope is the prefill by default (pixels and prompt to the first
+token's logits: time to first token); ``latency_scope`` picks ``encoder`` (vision tower and projector) or ``generate``
+(``new_tokens`` greedy tokens) instead, and the budget applies to it.
 
 Tasks (``--evaluator``), with their datasets (lmms-eval's, under the ids they moved to; any local dataset in the same
 schema works with ``--dataset PATH``):
@@ -205,7 +207,8 @@ class MllmEvaluator(Evaluator):
         task: the task's :class:`TaskSpec`.
         processor: the model's processor (tokenizer padding on the left).
         calib_items: the calibration items; ``holdout_items`` the held-out ones.
-        latency_scope: ``"prefill"``: pixels and prompt to the first token's logits, on one batch.
+        latency_scope: what :meth:`latency_call` times: ``prefill`` (default; pixels and prompt to the first
+            token's logits), ``encoder`` (vision tower and projector) or ``generate`` (``new_tokens`` greedy tokens).
 
     Raises:
         EvaluatorError: a missing or non-LLaVA model, a processor that cannot be loaded, a dataset without the
@@ -217,7 +220,7 @@ class MllmEvaluator(Evaluator):
     default_holdout: ClassVar[int] = 200
     default_batch_size: ClassVar[int] = 8
     requires: ClassVar[dict[str, str]] = {"model": "a LLaVA model folder or hub id"}
-    latency_scope = "prefill"
+    latency_scopes: ClassVar[tuple[str, ...]] = ("prefill", "encoder", "generate")
 
     def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
         options = EvaluatorOptions.of(options, settings)
@@ -282,14 +285,46 @@ class MllmEvaluator(Evaluator):
         return scores
 
     def latency_call(self) -> Callable[[], Any]:
-        """The prefill of one calibration batch: image encoding, projection and the prompt up to the first logits."""
+        """The timed scope on the first calibration batch (:attr:`latency_scope`, see :meth:`describe_latency`):
+
+        - ``encoder``: the vision tower and the projector on the batch's pixels (:meth:`_encoder_call`);
+        - ``prefill`` (the default): pixels and prompts to the first new token's logits: time to first token;
+        - ``generate``: greedy generation of exactly :attr:`new_tokens` tokens (end-of-sequence ignored, so every
+          schedule generates as many).
+        """
         inputs = self._batches["calib"][0][0]
-        model = self.model
+        model: Any = self.model
+        if self.latency_scope == "encoder":
+            return self._encoder_call(inputs)
+        if self.latency_scope == "generate":
+            # generate derives positions from the mask and its cache; given ones would cover the prompt only.
+            prompt = {key: value for key, value in inputs.items() if key != "position_ids"}
+            new_tokens = self.new_tokens
+
+            def generate() -> None:
+                model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+            return generate
 
         def prefill() -> None:
             model(**inputs, logits_to_keep=1)
 
         return prefill
+
+    def _encoder_call(self, inputs: dict[str, Any]) -> Callable[[], Any]:
+        """The ``encoder`` scope: the vision tower (the layers that run) and the projector on the batch's pixels."""
+        model: Any = self.model
+        inner, config = model.model, model.config
+        pixel_values = inputs["pixel_values"]
+
+        def encode() -> None:
+            inner.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
+
+        return encode
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -297,6 +332,7 @@ class MllmEvaluator(Evaluator):
             "dataset_split": self.dataset_split, "calib": self.calib, "holdout": self.holdout,
             "batch_size": self.batch_size, "device": str(self.device), "dtype": dtype_name(self.dtype),
             "seed": self.seed, "latency_scope": self.latency_scope,
+            **({"new_tokens": self.new_tokens} if self.latency_scope == "generate" else {}),
         }  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------- building

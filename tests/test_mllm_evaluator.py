@@ -204,15 +204,68 @@ def test_tuner_run_searches_a_llava_task_and_exports_a_schedule_for_the_layers_t
     dataset = pope_dataset(tmp_path, rows=16)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "160"}
     storage = f"sqlite:///{tmp_path}/studies/t.db"
-    command = [sys.executable, "-m", "tuner", "run", "--model", str(llava_dir), "--evaluator", "pope", "--dataset",
+    command = [sys.executable, "-m", "tuner", "run", "--model", str(llava_dir), "--task", "pope", "--dataset",
                dataset, "--budget", "99%", "--trials", "5", "--calib", "8", "--holdout", "4", "--batch-size", "4",
                "--latency-source", "synthetic", "--storage", storage]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "timed: prefill scope: pixels and prompt on the device to the first new token's logits" in result.stdout
     (best,) = (tmp_path / "studies").rglob("best.json")
     schedule = Schedule.from_json(best.read_text())
     assert schedule.num_layers == 3 and schedule.tokens_in == 16  # the layers LLaVA reads, not the tower's 4
-    assert json.loads(best.read_text())["metrics"]["latency_source"] == "synthetic"
+    metrics = json.loads(best.read_text())["metrics"]
+    assert metrics["latency_source"] == "synthetic" and metrics["latency_scope"].startswith("prefill scope: pixels")
     evaluator = get_evaluator("pope")(model=str(llava_dir), dataset=dataset, calib=8, holdout=4, batch_size=4)
     with evaluator.applied(schedule):
         assert 0.0 <= evaluator.accuracy("holdout") <= 1.0
+
+
+def language_model_calls(evaluator) -> tuple[list[int], object]:
+    """Prompt lengths the language model is called with (one entry per forward), and the hook to remove."""
+    lengths: list[int] = []
+    hook = evaluator.model.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, output: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    return lengths, hook
+
+
+@pytest.mark.parametrize("scope", ["encoder", "prefill", "generate"])
+def test_each_latency_scope_times_what_it_says_under_a_schedule(llava_dir: Path, tmp_path: Path, scope: str) -> None:
+    evaluator = get_evaluator("pope")(model=str(llava_dir), dataset=pope_dataset(tmp_path), calib=4, holdout=2,
+                                      batch_size=4, latency_scope=scope, new_tokens=5)  # fmt: skip
+    assert evaluator.latency_scope == scope and evaluator.settings()["latency_scope"] == scope
+    assert f"{scope} scope" in evaluator.describe_latency() and "batch of 4" in evaluator.describe_latency()
+    tower_calls: list[int] = []
+    tower_hook = evaluator.model.model.vision_tower.register_forward_hook(
+        lambda module, args, output: tower_calls.append(1)
+    )
+    schedule = Schedule([8, 4, 0], 16, scoring=Scoring(ctr=0.0), family="clip", has_cls=True)
+    lengths, hook = language_model_calls(evaluator)
+    try:
+        evaluator.latency_call()()
+        native = list(lengths)
+        lengths.clear()
+        with evaluator.applied(schedule):
+            evaluator.latency_call()()
+    finally:
+        hook.remove()
+        tower_hook.remove()
+    assert len(tower_calls) == 2  # the vision tower runs once per timed call, in every scope
+    if scope == "encoder":
+        assert native == [] and lengths == []  # no language model inside the timing
+    elif scope == "prefill":
+        assert len(native) == 1 and lengths == [native[0] - 12]  # one forward over the pruned prompt
+    else:
+        # Exactly new_tokens forwards: the prefill (pruned prompt), then one token at a time.
+        assert len(native) == 5 and native[1:] == [1] * 4
+        assert lengths == [native[0] - 12] + [1] * 4
+    assert evaluator.settings().get("new_tokens") == (5 if scope == "generate" else None)
+
+
+def test_encoder_only_evaluators_refuse_language_model_scopes(tmp_path: Path) -> None:
+    with pytest.raises(EvaluatorError, match="the demo evaluator cannot time the prefill scope .*available: encoder"):
+        get_evaluator("demo").check_latency_scope("prefill")
+    with pytest.raises(EvaluatorError, match="unknown latency scope 'ttft'; available: encoder, prefill, generate"):
+        get_evaluator("pope").check_latency_scope("ttft")
+    assert get_evaluator("pope").check_latency_scope(None) == "prefill"
+    assert get_evaluator("demo").check_latency_scope(None) == "encoder"

@@ -134,8 +134,7 @@ def run(
         str | None,
         typer.Option(
             help="Latency budget (required, here or in --config): a time (50ms, 0.05s), a speed-up over the unpruned "
-            "model (2x) or a share of its latency (60%). Per batch of --batch-size, for the evaluator's timed vision "
-            "path."
+            "model (2x) or a share of its latency (60%). Per batch of --batch-size, for the timed --latency-scope."
         ),
     ] = None,
     config: Annotated[
@@ -181,8 +180,11 @@ def run(
     evaluator: Annotated[
         str | None,
         typer.Option(
-            help="Accuracy evaluator: demo (default without --model), fidelity (default with --model), zeroshot, the "
-            "LLaVA tasks pope, mme, scienceqa, mmbench, mllm (a local VQA dataset), or one an installed package adds."
+            "--evaluator",
+            "--task",
+            help="Accuracy evaluator (--task is the same option): demo (default without --model), fidelity (default "
+            "with --model), zeroshot, the LLaVA tasks pope, mme, scienceqa, mmbench, gqa, videomme, mllm (a local "
+            "VQA dataset), the offline LLaVA demo digits-vqa, or one an installed package adds."
         ),
     ] = None,
     calib: Annotated[
@@ -221,6 +223,18 @@ def run(
             "reproducible experiments; never a measurement, and labelled so everywhere)."
         ),
     ] = "measured",
+    latency_scope: Annotated[
+        str | None,
+        typer.Option(
+            help="What is timed, and what the budget applies to. encoder: pixels on the device to the visual "
+            "features (the vision encoder, and a LLaVA model's projector). prefill: pixels and prompt on the device to "
+            "the first new token's logits (time to first token). generate: pixels and prompt to --new-tokens greedy "
+            "tokens. Default: prefill for the LLaVA tasks, encoder for the others (which have only that one)."
+        ),
+    ] = None,
+    new_tokens: Annotated[
+        int, typer.Option(help="Tokens generated per timed call with --latency-scope generate.", min=1)
+    ] = 16,
     workers: Annotated[
         int,
         typer.Option(
@@ -252,7 +266,7 @@ def run(
         "study": study, "model": model, "dataset": dataset, "dataset_split": dataset_split, "evaluator": evaluator,
         "calib": calib, "holdout": holdout, "batch_size": batch_size, "device": device, "dtype": dtype,
         "space": space, "repeats": repeats, "final_repeats": final_repeats, "latency_source": latency_source,
-        "prefer": prefer.value, "workers": workers,
+        "prefer": prefer.value, "workers": workers, "latency_scope": latency_scope, "new_tokens": new_tokens,
     }  # fmt: skip
     options = _run_options(ctx, values, config)
     console = _console()
@@ -325,10 +339,11 @@ def _resume_command(options: Any, study_name: str) -> str:
     words = ["python", "-m", "tuner", "run", "--budget", options.budget, "--study", study_name]
     defaults = {
         "storage": DEFAULT_STORAGE, "space": "family", "device": "auto", "dtype": "auto", "latency_source": "measured",
-        "seed": 0, "sampler": "tpe", "workers": 1,
+        "seed": 0, "sampler": "tpe", "workers": 1, "new_tokens": 16,
     }  # fmt: skip
     for name in ("storage", "model", "dataset", "dataset_split", "evaluator", "calib", "holdout", "batch_size", "space",
-                 "device", "dtype", "latency_source", "seed", "sampler", "workers"):  # fmt: skip
+                 "device", "dtype", "latency_source", "seed", "sampler", "workers", "latency_scope",
+                 "new_tokens"):  # fmt: skip
         value = getattr(options, name)
         if value is not None and value != defaults.get(name):
             words += [flag(name), public_url(value) if name == "storage" else str(value)]  # no password shown
@@ -617,6 +632,7 @@ def _study_lines(context: Any, records: list[Any]) -> list[str]:
         f"{context.name}: {len(records)} finished / {requested if requested is not None else '?'} requested trials; "
         f"budget {context.settings.get('budget')} = {context.budget_ms():.2f} ms; unpruned reference "
         f"{context.reference_ms:.2f} ms at batch {context.settings.get('batch_size')}; latency {source}"
+        f" ({context.settings.get('latency_scope') or 'encoder'} scope)"
         + (f"; {noisy} trials stayed noisy (a loaded machine)" if noisy else "")
     ]
     feasible = [r for r in records if r.feasible]

@@ -309,9 +309,9 @@ def exported_schedule(
         "feasible": verdict.met,
         "budget_rule": BUDGET_RULE,
         "latency_scope": (
-            f"one forward of the {context.meta['evaluator']} evaluator's timed call (vision path) at batch size "
-            f"{evaluator.batch_size}; {len(paired.ratios)} rounds interleaved with the unpruned model; latency_ms = "
-            f"median ratio x the study's reference unpruned latency {context.reference_ms:.2f} ms"
+            f"{evaluator.describe_latency()} ({context.meta['evaluator']} evaluator); {len(paired.ratios)} rounds "
+            "interleaved with the unpruned model; latency_ms = median ratio x the study's reference unpruned latency "
+            f"{context.reference_ms:.2f} ms"
         ),
     }
     proposed_by = dict(record.evaluation.get("proposed_by") or {})

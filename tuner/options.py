@@ -83,6 +83,9 @@ class RunOptions:
         prefer: which feasible Pareto-optimal schedule the export takes: ``accurate`` or ``fast``.
         workers: local worker processes (``python -m tuner worker``) that run the trials; 1 runs them in this
             process.
+        latency_scope: what is timed: ``encoder``, ``prefill`` or ``generate`` (``evaluators.base.LATENCY_SCOPES``);
+            None for the evaluator's default (``prefill`` for the LLaVA tasks, ``encoder`` for the others).
+        new_tokens: tokens generated per timed call with the ``generate`` scope.
     """
 
     budget: str
@@ -107,6 +110,8 @@ class RunOptions:
     latency_source: str = "measured"
     prefer: str = "accurate"
     workers: int = 1
+    latency_scope: str | None = None
+    new_tokens: int = 16
 
     @property
     def evaluator_name(self) -> str:
@@ -169,6 +174,7 @@ class RunOptions:
                 why = " (the export validates its choice on the held-out slice)" if name == "holdout" else ""
                 raise EvaluatorError(f"{name} must be an integer >= {minimum}{why}, got {value!r}", param=name)
         evaluator = get_evaluator(self.evaluator_name)
+        evaluator.check_latency_scope(self.latency_scope, self.new_tokens)
         evaluator.check_required({"model": self.model, "dataset": self.dataset})
         for kind in ("model", "dataset"):
             value = getattr(self, kind)
@@ -186,6 +192,8 @@ class RunOptions:
             "batch_size": self.batch_size,
             "device": resolve_device_name(self.device),
             "dtype": self.dtype,
+            "latency_scope": self.latency_scope,
+            "new_tokens": self.new_tokens,
         }
 
 

@@ -438,6 +438,7 @@ def create_or_resume(
         for point in space.distinct_seed_points(shape):
             study.enqueue_trial(point.params, user_attrs={ATTR_SEED_POINT: point.label}, skip_if_exists=True)
         source = latency_source_for(options.latency_source, evaluator, rounds_warmup=3)
+        note(f"timed: {evaluator.describe_latency()}")
         note(f"measuring the unpruned model's reference latency ({options.final_repeats} runs, {source.name})")
         baseline = _reference(evaluator, source, options.final_repeats, note)
         study.set_user_attr(ATTR_BASELINE, baseline)
