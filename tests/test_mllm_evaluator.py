@@ -198,6 +198,7 @@ def test_tuner_run_searches_a_llava_task_and_exports_a_schedule_for_the_layers_t
 ) -> None:
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -218,6 +219,16 @@ def test_tuner_run_searches_a_llava_task_and_exports_a_schedule_for_the_layers_t
     evaluator = get_evaluator("pope")(model=str(llava_dir), dataset=dataset, calib=8, holdout=4, batch_size=4)
     with evaluator.applied(schedule):
         assert 0.0 <= evaluator.accuracy("holdout") <= 1.0
+    # `tuner apply` rebuilds the task from the schedule's provenance and times it in the study's scope (prefill).
+    applied = subprocess.run([sys.executable, "-m", "tuner", "apply", "--schedule", str(best), "--repeats", "3"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert applied.returncode in (0, 3), applied.stdout + applied.stderr
+    assert "the pope task's first calibration batch; prefill scope" in " ".join(applied.stdout.split())
+    last_row = re.search(rf"│\s*{schedule.num_layers - 1}\s*│.*│\s*(\d+)\s*│", applied.stdout)
+    assert last_row is not None and int(last_row.group(1)) == schedule.tokens_out, applied.stdout
+    bad = subprocess.run([sys.executable, "-m", "tuner", "apply", "--schedule", str(best), "--image", str(best)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "leave out --image" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def language_model_calls(evaluator) -> tuple[list[int], object]:

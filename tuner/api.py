@@ -629,6 +629,15 @@ def apply_schedule(
     provenance, metrics = loaded.provenance, loaded.metrics
     found = provenance.get("evaluator_settings")
     settings: dict[str, Any] = found if isinstance(found, dict) else {}
+    task = _task_evaluator_class(provenance)
+    if task is not None:
+        if image is not None:
+            raise TunerError(
+                f"a schedule of the {task.name} task is timed on the task's prompts and images, not on one image; "
+                "leave out image",
+                param="image",
+            )
+        return _apply_on_task(task, loaded, settings, model, batch_size, device, repeats)
     model_name = model or (settings.get("model") if settings.get("model") not in (None, "tuner.demo") else None)
     size = batch_size or _positive_int(provenance.get("batch_size")) or _positive_int(settings.get("batch_size")) or 1
     target = resolve_device(resolve_device_name(device))
@@ -652,6 +661,67 @@ def apply_schedule(
         else None
     )
     return ApplyResult(loaded, model_name, inputs, size, counts, reductions, paired, source.environment(), verdict)
+
+
+def _task_evaluator_class(provenance: dict[str, Any]) -> type[Evaluator] | None:
+    """The evaluator class of a schedule whose model needs more than its encoder patched (a LLaVA task: the prompts
+    are rewritten too), else None: such a schedule is applied and timed through its task, in its latency scope."""
+    name = provenance.get("evaluator")
+    if not isinstance(name, str):
+        return None
+    try:
+        cls = get_evaluator(name)
+    except TunerError:
+        return None
+    return cls if cls.applied is not Evaluator.applied else None
+
+
+def _apply_on_task(
+    task: type[Evaluator],
+    loaded: Schedule,
+    settings: dict[str, Any],
+    model: str | None,
+    batch_size: int | None,
+    device: str,
+    repeats: int,
+) -> ApplyResult:
+    """:func:`apply_schedule` for a task's schedule: the task rebuilt from the schedule's provenance (its model, data,
+    batch and latency scope; ``model``, ``batch_size`` and ``device`` override), timed with the schedule applied as
+    the study applied it."""
+    import dataclasses
+
+    import torch
+
+    from evaluators import EvaluatorOptions
+    from tuner.latency import budget_verdict
+    from tuner.measure import measure_schedule
+
+    names = {field.name for field in dataclasses.fields(EvaluatorOptions)} - {"device"}
+    arguments = {key: value for key, value in settings.items() if key in names}
+    if model is not None:
+        arguments["model"] = model
+    if batch_size is not None:
+        arguments["batch_size"] = batch_size
+    build: Callable[..., Evaluator] = task
+    evaluator = build(device=resolve_device_name(device), **arguments)
+    with evaluator.applied(loaded) as prepared, torch.inference_mode():
+        evaluator.latency_call()()
+        handle = getattr(prepared, "engine", prepared)
+        # The tower's pass-through layers after the one the model reads count too; the schedule covers those that run.
+        counts, reductions = list(handle.token_counts)[: loaded.num_layers], dict(handle.ctr_reductions)
+    source = latency_source_for("measured", evaluator, rounds_warmup=3)
+    paired = measure_schedule(evaluator, source, loaded, rounds=repeats)
+    budget_text = loaded.metrics.get("budget")
+    verdict = (
+        budget_verdict(paired, parse_budget(budget_text), paired.baseline_median_ms)
+        if isinstance(budget_text, str)
+        else None
+    )
+    inputs = f"the {evaluator.name} task's first calibration batch; {evaluator.describe_latency()}"
+    model_name = getattr(evaluator, "model_name", arguments.get("model"))
+    return ApplyResult(
+        loaded, model_name, inputs, evaluator.batch_size, counts, reductions, paired, source.environment(), verdict
+    )
 
 
 def _positive_int(value: Any) -> int | None:
