@@ -127,6 +127,8 @@ class Evaluator(ABC):
     """The scope :meth:`latency_call` times (set from the options by :meth:`_set_runtime`)."""
     new_tokens: int = 16
     """Tokens generated per timed call with the ``generate`` scope."""
+    frames_per_item: int = 1
+    """Frames per video the encoder sees as consecutive batch items (temporal merging's unit); 1 for images."""
     model: nn.Module
     batch_size: int
     device: torch.device

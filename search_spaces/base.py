@@ -26,6 +26,7 @@ __all__ = [
     "SCORING_PARAMS",
     "SEED_KEEP_SHARES",
     "SPACES",
+    "TEMPORAL_PARAM",
     "ChoiceParam",
     "EncoderShape",
     "FloatParam",
@@ -35,6 +36,7 @@ __all__ = [
     "SearchSpaceError",
     "SeedPoint",
     "available_spaces",
+    "default_scoring_params",
     "get_space",
     "on_grid",
     "register_space",
@@ -47,26 +49,44 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EncoderShape:
-    """The encoder facts a space needs: depth, patch tokens in, family and CLS.
+    """The encoder facts a space needs: depth, patch tokens in, family and CLS, and the frames of a video workload.
 
     Attributes:
         num_layers: encoder layers.
         tokens_in: patch tokens entering layer 0 (CLS not counted).
         family: encoder family (``"clip"``, ``"siglip"``), recorded in the schedules; None when unknown.
         has_cls: whether the encoder has a CLS token; None when unknown.
+        frames_per_item: frames per video the encoder gets (consecutive batch items); 1 (default) for images.
+            Above 1, spaces also search the temporal merging weight (:data:`TEMPORAL_PARAM`); at 1 they propose
+            exactly the parameters they always did.
     """
 
     num_layers: int
     tokens_in: int
     family: str | None = None
     has_cls: bool | None = None
+    frames_per_item: int = 1
+
+    def __post_init__(self) -> None:
+        frames = self.frames_per_item
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise SearchSpaceError(f"frames_per_item must be an integer >= 1 (1 for images), got {frames!r}")
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the workload is video (more than one frame per item): temporal merging is then searched."""
+        return self.frames_per_item > 1
 
     @classmethod
-    def of_model(cls, model: Any) -> EncoderShape:
+    def of_model(cls, model: Any, frames_per_item: int = 1) -> EncoderShape:
         """The shape of a model's vision encoder (through the EvoPrune adapters).
 
         For LLaVA-family models, only the vision layers up to ``vision_feature_layer`` count: those are the ones that
         run once the model is prepared (:func:`tuner.mllm.vision_layers_that_run`).
+
+        Args:
+            model: the model.
+            frames_per_item: frames per video of the workload (the model cannot tell); 1 for images.
 
         Raises:
             UnsupportedModelError: no adapter knows the model.
@@ -75,7 +95,7 @@ class EncoderShape:
         from tuner.mllm import vision_layers_that_run
 
         encoder = resolve_encoder(model)
-        return cls(vision_layers_that_run(model), encoder.num_patches, encoder.family, encoder.has_cls)
+        return cls(vision_layers_that_run(model), encoder.num_patches, encoder.family, encoder.has_cls, frames_per_item)
 
 
 Bound = Callable[[EncoderShape], int]
@@ -90,15 +110,19 @@ class Param:
         help: one line: what it controls.
         when: ``(other, values)``: only suggested when the already-suggested ``other`` has one of ``values``.
         per_layer: one parameter per encoder layer.
+        video_only: only on a video workload (``shape.frames_per_item > 1``); absent on images.
     """
 
     name: str
     help: str
     when: tuple[str, tuple[Any, ...]] | None = None
     per_layer: bool = False
+    video_only: bool = False
 
     def names(self, shape: EncoderShape) -> list[str]:
-        """The Optuna parameter names this declaration stands for on ``shape``."""
+        """The Optuna parameter names this declaration stands for on ``shape`` (none for a video-only one on images)."""
+        if self.video_only and not shape.is_video:
+            return []
         if self.per_layer:
             return [f"{self.name}_{layer}" for layer in range(shape.num_layers)]
         return [self.name]
@@ -119,6 +143,8 @@ class Param:
         """``name  range  help`` on one line, with the condition."""
         name = f"{self.name}_<layer>" if self.per_layer else self.name
         condition = f" (when {self.when[0]} in {', '.join(map(str, self.when[1]))})" if self.when else ""
+        if self.video_only:
+            condition += " (video only)"
         return f"{name}: {self.range_text()}: {self.help}{condition}"
 
 
@@ -173,6 +199,17 @@ class ChoiceParam(Param):
         return "{" + ", ".join(shown) + "}"
 
 
+TEMPORAL_PARAM = FloatParam(
+    "temporal_weight",
+    "factor on the score of folding a token into its near-copy in the previous frame, in place of the "
+    "diversity/attention factors of a spatial merge (0 = off)",
+    low=0.0,
+    high=1.0,
+    step=0.05,
+    video_only=True,
+)
+"""Temporal merging's weight (docs/method.md, "Temporal merging"), searched on video workloads only."""
+
 SCORING_PARAMS: tuple[Param, ...] = (
     FloatParam(
         "w_div",
@@ -203,8 +240,10 @@ SCORING_PARAMS: tuple[Param, ...] = (
     ChoiceParam(
         "features", "features compared: attention keys (head mean) or hidden states", choices=("keys", "hidden")
     ),
+    TEMPORAL_PARAM,
 )
-"""The score settings every space searches. ``w_sim`` stays 1: scaling all three weights changes no ranking."""
+"""The score settings every space searches (``temporal_weight`` on video only). ``w_sim`` stays 1: scaling all three
+weights changes no ranking."""
 
 DEFAULT_SCORING_PARAMS: dict[str, Any] = {
     "w_div": 0.5,
@@ -213,7 +252,15 @@ DEFAULT_SCORING_PARAMS: dict[str, Any] = {
     "proportional_attention": False,
     "features": "keys",
 }
-"""The paper's scoring (``Scoring()``), in the parameters of :data:`SCORING_PARAMS`."""
+"""The paper's scoring (``Scoring()``), in the parameters of :data:`SCORING_PARAMS` (images; see
+:func:`default_scoring_params`)."""
+
+
+def default_scoring_params(shape: EncoderShape) -> dict[str, Any]:
+    """:data:`DEFAULT_SCORING_PARAMS` on ``shape``: on video also ``temporal_weight`` 0 (the paper: frame by frame)."""
+    if shape.is_video:
+        return {**DEFAULT_SCORING_PARAMS, TEMPORAL_PARAM.name: 0.0}
+    return dict(DEFAULT_SCORING_PARAMS)
 
 
 def on_grid(value: float, step: float | None) -> float:
@@ -226,7 +273,8 @@ def on_grid(value: float, step: float | None) -> float:
 
 
 def scoring_from_params(params: Mapping[str, Any]) -> Scoring:
-    """The :class:`Scoring` of :data:`SCORING_PARAMS` values (``w_sim`` = 1, other settings at their defaults)."""
+    """The :class:`Scoring` of :data:`SCORING_PARAMS` values (``w_sim`` = 1, other settings at their defaults;
+    ``temporal_weight`` 0 when absent, as on images)."""
     steps = {param.name: param.step for param in SCORING_PARAMS if isinstance(param, FloatParam)}
     return Scoring(
         w_sim=1.0,
@@ -235,6 +283,7 @@ def scoring_from_params(params: Mapping[str, Any]) -> Scoring:
         ctr=on_grid(params["ctr"], steps["ctr"]),
         features=params["features"],
         proportional_attention=bool(params["proportional_attention"]),
+        temporal_weight=on_grid(params.get(TEMPORAL_PARAM.name, 0.0), TEMPORAL_PARAM.step),
     )
 
 

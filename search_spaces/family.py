@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from search_spaces.base import (
-    DEFAULT_SCORING_PARAMS,
     SCORING_PARAMS,
     SEED_KEEP_SHARES,
     ChoiceParam,
@@ -28,6 +27,7 @@ from search_spaces.base import (
     IntParam,
     SearchSpace,
     SeedPoint,
+    default_scoring_params,
     on_grid,
     register_space,
     scoring_from_params,
@@ -41,12 +41,16 @@ __all__ = [
     "FAST_SEED_ALPHA",
     "FAST_SEED_KEEP_SHARES",
     "FamilySpace",
+    "TEMPORAL_SEED_KEEP_SHARE",
     "family_shape_params",
     "smallest_valid_tokens_out",
 ]
 
 FAST_SEED_KEEP_SHARES: tuple[float, ...] = (0.25, 0.12)
 """Token shares of the front-loaded seed points (Decreasing, CTR off), which anchor the fast end of the front."""
+
+TEMPORAL_SEED_KEEP_SHARE = 0.25
+"""Token share of the video-only seed point with temporal merging on."""
 
 FAST_SEED_ALPHA = 3.5
 """Depth exponent of the front-loaded seed points: most merging in the first layers, where it saves the most."""
@@ -181,15 +185,24 @@ class FamilySpace(SearchSpace):
         )
 
     def seed_points(self, shape: EncoderShape) -> list[SeedPoint]:
-        skip = {"family": "skip", "stride": 2, "offset": 0, "start_layer": 0, **DEFAULT_SCORING_PARAMS}
+        scoring = default_scoring_params(shape)
+        skip = {"family": "skip", "stride": 2, "offset": 0, "start_layer": 0, **scoring}
         points = [SeedPoint("no pruning", {**skip, "keep": 1.0})]
         for share in SEED_KEEP_SHARES:
             points.append(SeedPoint(f"paper skip default, {share:.0%} tokens", {**skip, "keep": share}))
         # The paper's default merges evenly and pays for attention statistics: on small encoders it runs at 0.75-0.95
         # of the unpruned time whatever the token count, so the fast end of the front would be left to chance.
-        fast = {"family": "decreasing", "alpha": FAST_SEED_ALPHA, **DEFAULT_SCORING_PARAMS, "ctr": 0.0}
+        fast = {"family": "decreasing", "alpha": FAST_SEED_ALPHA, **scoring, "ctr": 0.0}
         for share in FAST_SEED_KEEP_SHARES:
             points.append(
                 SeedPoint(f"front-loaded, no attention statistics, {share:.0%} tokens", {**fast, "keep": share})
+            )
+        if shape.is_video:
+            # Temporal merging at equal terms on the paper's default: the search starts with one point that uses it.
+            points.append(
+                SeedPoint(
+                    f"paper skip default + temporal merging, {TEMPORAL_SEED_KEEP_SHARE:.0%} tokens",
+                    {**skip, "keep": TEMPORAL_SEED_KEEP_SHARE, "temporal_weight": 1.0},
+                )
             )
         return points

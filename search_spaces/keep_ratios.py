@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from search_spaces.base import (
-    DEFAULT_SCORING_PARAMS,
     SCORING_PARAMS,
     EncoderShape,
     FloatParam,
     SearchSpace,
     SeedPoint,
+    default_scoring_params,
     register_space,
     scoring_from_params,
 )
@@ -78,6 +78,6 @@ class KeepRatiosSpace(SearchSpace):
             before, after = schedule.tokens_before(), schedule.tokens_after()
             ratios = [round(out / count, _DECIMALS) for count, out in zip(before, after, strict=True)]
             keep = {f"keep_{layer}": ratio for layer, ratio in enumerate(ratios)}
-            scoring = {name: point.params[name] for name in DEFAULT_SCORING_PARAMS}
+            scoring = {name: point.params[name] for name in default_scoring_params(shape)}
             points.append(SeedPoint(point.label, {**keep, **scoring}))
         return points

@@ -193,7 +193,10 @@ def test_no_feasible_schedule_exits_3_shows_the_closest_and_still_plots(tuner_wo
         (
             "--evaluator",
             "nope",
-            ("unknown evaluator 'nope'", "demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot"),
+            (
+                "unknown evaluator 'nope'",
+                "demo, digits-vqa, fidelity, gqa, mllm, mmbench, mme, pope, scienceqa, videomme, zeroshot",
+            ),
         ),
         ("--sampler", "nope", ("unknown sampler 'nope'", "tpe, nsga2, gp, random")),
         ("--task", "nope", ("unknown evaluator 'nope'",)),

@@ -49,7 +49,9 @@ from tuner.evoprune import Schedule, Scoring, apply
 
 
 def test_registry_lists_the_built_in_evaluators() -> None:
-    assert available_evaluators() == ["demo", "fidelity", "mllm", "mmbench", "mme", "pope", "scienceqa", "zeroshot"]
+    names = ["demo", "digits-vqa", "fidelity", "gqa", "mllm", "mmbench", "mme", "pope", "scienceqa", "videomme",
+             "zeroshot"]  # fmt: skip
+    assert available_evaluators() == names
     assert get_evaluator("demo") is DemoEvaluator
     assert get_evaluator("fidelity") is FidelityEvaluator
     assert get_evaluator("zeroshot") is ZeroShotEvaluator
@@ -57,7 +59,8 @@ def test_registry_lists_the_built_in_evaluators() -> None:
         get_evaluator("x")
     assert (
         str(caught.value)
-        == "unknown evaluator 'x'; available: demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot"
+        == "unknown evaluator 'x'; available: demo, digits-vqa, fidelity, gqa, mllm, mmbench, mme, pope, scienceqa, "
+        "videomme, zeroshot"
     )
 
 

@@ -215,7 +215,9 @@ def test_schema_describes_every_field_and_closes_every_fixed_object() -> None:
     closed = [schema] + [subschema for _, subschema in properties if "properties" in subschema]
     for subschema in closed:
         assert subschema["additionalProperties"] is False
-        assert set(subschema.get("required", [])) == set(subschema["properties"])
+        # The one optional field: temporal_weight (absent in files written before it, and whenever it is 0).
+        optional = {"temporal_weight"} & set(subschema["properties"])
+        assert set(subschema.get("required", [])) == set(subschema["properties"]) - optional
     assert schema["properties"]["metrics"] == {
         "description": schema["properties"]["metrics"]["description"],
         "type": "object",
@@ -317,7 +319,7 @@ def _replace_plan(plan: list[Any], tokens_out: int) -> Callable[[dict[str, Any]]
     return mutate
 
 
-SCORING_FIELDS = "ctr, features, knn_k, proportional_attention, tau, w_attn, w_div, w_sim"
+SCORING_FIELDS = "ctr, features, knn_k, proportional_attention, tau, temporal_weight, w_attn, w_div, w_sim"
 
 MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("wrong format", _set("format", "x"), "$.format must be 'evoprune-schedule', got 'x'"),

@@ -7,7 +7,8 @@ import counts, at the top of a module or inside a function (``TYPE_CHECKING`` bl
 0b. ``tuner.mllm`` (multimodal LLMs prepared with the engine: prompts rewritten to the pruned token count);
 1. ``tuner.errors``, ``tuner.timing``, ``tuner.registry``, ``tuner.signals``;
 2. ``tuner.latency`` (budgets, measurement, the budget rule);
-3. ``evaluators`` (accuracy tasks) and ``search_spaces``;
+3. ``evaluators`` (accuracy tasks) and ``search_spaces``, and the offline LLaVA demo's builder and trainer
+   (``tuner.demo.mllm``, ``tuner.demo.train_mllm``: they speak the LLaVA tasks' prompts);
 4. ``tuner.storage``, ``tuner.options`` and ``tuner.workers`` (dead trials, local worker processes);
 5. ``tuner.measure`` and ``tuner.study``;
 6. ``tuner.export``, ``tuner.plots``, ``tuner.figures`` and ``tuner.tables``;
@@ -31,7 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("tuner.mllm",),
     ("tuner.errors", "tuner.timing", "tuner.registry", "tuner.signals"),
     ("tuner.latency",),
-    ("evaluators", "search_spaces"),
+    # The offline LLaVA demo's builder and trainer speak the LLaVA tasks' prompts (evaluators.mllm): that layer.
+    ("evaluators", "search_spaces", "tuner.demo.mllm", "tuner.demo.train_mllm"),
     ("tuner.storage", "tuner.options", "tuner.workers"),
     ("tuner.measure", "tuner.study"),
     ("tuner.export", "tuner.plots", "tuner.figures", "tuner.tables"),

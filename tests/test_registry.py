@@ -121,7 +121,8 @@ def test_an_unknown_name_lists_the_known_ones_with_the_registry_error() -> None:
 def test_the_built_in_registries_use_the_rule() -> None:
     with pytest.raises(
         EvaluatorError,
-        match="^unknown evaluator 'x'; available: demo, fidelity, mllm, mmbench, mme, pope, scienceqa, zeroshot$",
+        match="^unknown evaluator 'x'; available: demo, digits-vqa, fidelity, gqa, mllm, mmbench, mme, pope, "
+        "scienceqa, videomme, zeroshot$",
     ):
         get_evaluator("x")
     with pytest.raises(SearchSpaceError, match="^unknown search space 'x'; available: family, keep_ratios"):
@@ -188,7 +189,8 @@ def test_the_cli_lists_an_installed_plugin_space(plugin_dir: Path, tuner_subproc
     )
     assert (
         listed.stdout.strip()
-        == "['demo', 'fidelity', 'mllm', 'mmbench', 'mme', 'plugin_task', 'pope', 'scienceqa', 'zeroshot']"
+        == "['demo', 'digits-vqa', 'fidelity', 'gqa', 'mllm', 'mmbench', 'mme', 'plugin_task', 'pope', 'scienceqa', "
+        "'videomme', 'zeroshot']"
     ), listed.stderr
 
 

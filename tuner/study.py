@@ -406,7 +406,7 @@ def create_or_resume(
             storage=storage, study_name=study_name, directions=["maximize", "minimize"], sampler=sampler
         )
 
-    shape = EncoderShape.of_model(evaluator.model)
+    shape = EncoderShape.of_model(evaluator.model, frames_per_item=evaluator.frames_per_item)
     attrs = study.user_attrs
     if ATTR_SETTINGS not in attrs:
         with warnings.catch_warnings():
@@ -425,6 +425,7 @@ def create_or_resume(
                     "tokens_in": shape.tokens_in,
                     "family": shape.family,
                     "has_cls": shape.has_cls,
+                    "frames_per_item": shape.frames_per_item,
                 },
                 "workload": workload.to_dict() if workload is not None else None,
                 "created": _now(),

@@ -14,6 +14,7 @@ from tuner.evoprune.format import schedule_schema
 from tuner.evoprune.merge import TokenState, attention_received, knn_distinctiveness, match, merge, merge_step
 from tuner.evoprune.schedule import Schedule
 from tuner.evoprune.scoring import Scoring
+from tuner.evoprune.temporal import temporal_merge_step
 
 __all__ = [
     "EvoPruneError",
@@ -30,4 +31,5 @@ __all__ = [
     "merge",
     "merge_step",
     "schedule_schema",
+    "temporal_merge_step",
 ]

@@ -37,6 +37,7 @@ from tuner.evoprune.adapters import PRE_NORM_VIT_OPS, LayerOps, VisionEncoder, r
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
 from tuner.evoprune.merge import TokenState, merge_step, patch_importance
 from tuner.evoprune.schedule import Schedule
+from tuner.evoprune.temporal import temporal_merge_step
 
 _HANDLE_ATTRIBUTE = "_evoprune_handle"
 
@@ -52,6 +53,11 @@ class EvoPruneHandle:
         token_counts: patch tokens after each layer in the last forward (empty before the first).
         sizes: ``[B, T]`` patches each output token stands for, in the last forward.
         source: ``[B, N0]`` index of the output token that covers each original patch, in the last forward.
+        source_item: ``[B, N0]`` the batch item (frame) holding that token, when the last forward merged temporally;
+            None otherwise (every patch is then covered by a token of its own item).
+        frames_per_item: frames per video when the batch items are video frames (consecutive items of one video,
+            as LLaVA-OneVision's tower gets them), for temporal merging (``scoring.temporal_weight > 0``); None or 1
+            for images, where temporal merging is inactive. Set it before a forward; it holds until changed.
         profile: when True, every merge step is timed (with a device synchronisation) into ``merge_seconds``, and
             so is the cost of the attention statistics: a merging layer that needs them also runs the model's own
             attention once more, untimed in the total (``profile_seconds``), to tell how much slower the explicit
@@ -66,6 +72,8 @@ class EvoPruneHandle:
         ctr_reductions: ``{layer: items}``, per merging layer of the last forward, how many batch items had their
             CTR protection reduced below the method's ``N_protect`` so that the layer could remove exactly r tokens
             (a property; see its docstring).
+        temporal_merges: ``{layer: tokens}``, per merging layer of the last forward, how many tokens (all items)
+            folded into the previous frame instead of merging spatially (a property; empty without temporal merging).
     """
 
     def __init__(self, encoder: VisionEncoder, schedule: Schedule, reducer: Reducer = "merge") -> None:
@@ -75,6 +83,9 @@ class EvoPruneHandle:
         self.token_counts: list[int] = []
         self.sizes: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
+        self.source_item: torch.Tensor | None = None
+        self._frames_per_item: int | None = None
+        self._temporal_counts: dict[int, torch.Tensor] = {}
         self.profile = False
         self.merge_seconds = 0.0
         self.profile_seconds = 0.0
@@ -100,6 +111,30 @@ class EvoPruneHandle:
         present = [flag.sum() for flag in flags if flag is not None]
         counts = iter(torch.stack(present).tolist() if present else [])
         return {layer: 0 if flag is None else int(next(counts)) for layer, flag in zip(layers, flags, strict=True)}
+
+    @property
+    def frames_per_item(self) -> int | None:
+        """Frames per video of the batches the encoder gets (consecutive items), or None for images."""
+        return self._frames_per_item
+
+    @frames_per_item.setter
+    def frames_per_item(self, frames: int | None) -> None:
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise EvoPruneError(f"frames_per_item must be None (images) or an integer >= 1, got {frames!r}")
+        self._frames_per_item = frames
+
+    @property
+    def temporal_merges(self) -> dict[int, int]:
+        """Per merging layer of the last forward, how many tokens folded into the previous frame (all items).
+
+        Empty unless the last forward merged temporally (``scoring.temporal_weight > 0`` and ``frames_per_item``
+        above 1). Reading it synchronises with the device once.
+        """
+        layers = list(self._temporal_counts)
+        if not layers:
+            return {}
+        totals = torch.stack([self._temporal_counts[layer].sum() for layer in layers]).tolist()
+        return {layer: int(total) for layer, total in zip(layers, totals, strict=True)}
 
     def remove(self) -> None:
         """Restore the model's own forwards. Safe to call twice."""
@@ -212,7 +247,10 @@ class _Step:
         cls_tokens: int,
         ops: LayerOps,
         chunk_logits: int | None = None,
+        frames: int | None = None,
     ) -> None:
+        self.frames = frames
+        self.temporal_count: torch.Tensor | None = None
         self.handle = handle
         self.state = state
         self.remove = remove
@@ -242,6 +280,15 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
                 f"the schedule expects {schedule.tokens_in} patch tokens but the encoder received {num_patches} "
                 "(another image size?); make a schedule for this resolution"
             )
+        # Temporal merging (docs/method.md, "Temporal merging") needs frames: images (None, 1) never merge temporally.
+        frames = handle.frames_per_item if schedule.scoring.temporal and not slicing else None
+        if frames is not None and frames < 2:
+            frames = None
+        if frames is not None and batch % frames:
+            raise EvoPruneError(
+                f"the encoder got {batch} items, not a whole number of videos of frames_per_item={frames} frames; "
+                "set handle.frames_per_item to the frames per video (None for images)"
+            )
         # The state lives in this call only, so concurrent or nested forwards never share it.
         state = None if slicing else TokenState.start(batch, num_patches, hidden.device)
         chunk_logits = None
@@ -250,15 +297,18 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
             chunk_logits = handle.attention_chunk_logits or default_chunk_logits(hidden.device, hidden.dtype)
         counts: list[int] = []
         reduced: dict[int, torch.Tensor | None] = {}
+        temporal_counts: dict[int, torch.Tensor] = {}
         mask: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
             remove = schedule.remove_per_layer[index]
             if remove > 0:
-                step = _Step(handle, state, remove, cls_tokens, ops, chunk_logits)
+                step = _Step(handle, state, remove, cls_tokens, ops, chunk_logits, frames)
                 hidden = layer(hidden, mask, evoprune_step=step, **kwargs)
                 if step.state is not None:
                     state = step.state
                     reduced[index] = state.protection_reduced
+                    if step.temporal_count is not None:
+                        temporal_counts[index] = step.temporal_count
                     if proportional:
                         mask = _size_bias(state.sizes, cls_tokens, hidden.dtype)
             else:
@@ -266,6 +316,8 @@ def _make_encoder_forward(handle: EvoPruneHandle) -> Callable[..., BaseModelOutp
             counts.append(hidden.shape[1] - cls_tokens)
         handle.token_counts = counts
         handle._protection_reduced = reduced
+        handle._temporal_counts = temporal_counts
+        handle.source_item = None if state is None else state.source_item
         if state is None:
             # Slicing kept the first tokens: token i is patch i, the other patches were dropped.
             kept = counts[-1]
@@ -322,9 +374,14 @@ def _merging_layer_forward(
     features = keys if scoring.features == "keys" else hidden_states
     # s~: the attention received, normalised to mean 1 over the patch tokens (CLS excluded; docs/method.md, 4).
     importance = patch_importance(received, cls) if received is not None else None
-    patches, step.state = merge_step(
-        hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, importance
-    )
+    if step.frames is None:
+        patches, step.state = merge_step(
+            hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, importance
+        )
+    else:
+        patches, step.state, step.temporal_count = temporal_merge_step(
+            hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, step.frames, importance
+        )
     hidden_states = torch.cat([hidden_states[:, :cls], patches], dim=1) if cls else patches
     if profile:
         _synchronize(hidden_states)

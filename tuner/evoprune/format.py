@@ -57,7 +57,7 @@ _KEY_RANK = {
     for rank, key in enumerate(
         "format version encoder family num_layers tokens_in has_cls plan remove_per_layer tokens_out preset name params"
         " stride offset start_layer n alpha keep_ratios scoring w_sim w_div w_attn ctr features knn_k tau"
-        " proportional_attention metrics provenance".split()
+        " proportional_attention temporal_weight metrics provenance".split()
     )
 }
 # Among problems at one path, the most basic one first.

@@ -35,6 +35,9 @@ class TokenState:
         source: ``[B, N0]`` int64, for every original patch the index of the token that now covers it.
         first_patch: ``[B, T]`` int64, the smallest original patch index a token covers; it orders the tokens.
             It could be derived from ``source`` but carrying it costs one gather per step instead of a scatter.
+        source_item: ``[B, N0]`` int64 or None: for every original patch the batch item whose token covers it. None
+            (the default, and always on images) means the patch's own item; temporal merging
+            (:mod:`tuner.evoprune.temporal`) folds tokens into the previous frame's item and sets it.
         protection_reduced: ``[B]`` bool, set by :func:`merge_step` on the state it returns: for each item, whether
             that step protected fewer tokens than the method's ``N_protect`` so that it could remove exactly r
             (see :func:`protected_tokens`); None when the step protected nothing (CTR 0) or no step made this state.
@@ -44,6 +47,7 @@ class TokenState:
     source: torch.Tensor
     first_patch: torch.Tensor
     protection_reduced: torch.Tensor | None = None
+    source_item: torch.Tensor | None = None
 
     @classmethod
     def start(cls, batch_size: int, num_patches: int, device: torch.device | str) -> TokenState:
@@ -237,6 +241,51 @@ def _match(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`match`, also returning the ``[B]`` flags of the items whose CTR protection was reduced (None: no
     protection in this step)."""
+    scores = spatial_scores(features, remove, scoring, importance)
+    order = torch.argsort(scores.best_score, dim=-1, descending=True, stable=True)
+    src = order[:, :remove]
+    dst = scores.best_partner.gather(1, src)
+    return src, dst, scores.reduced
+
+
+@dataclass
+class SpatialScores:
+    """What the spatial matching of one step computes, before the top ``r`` are picked (for the temporal step).
+
+    Attributes:
+        best_score: ``[B, |A|]`` each A token's best ``log Score`` over set B, its own penalty included
+            (``-inf`` for a protected token).
+        best_partner: ``[B, |A|]`` index into B of that partner.
+        normed: ``[B, T, D]`` the L2-normalised features (accumulation dtype).
+        penalty: ``[B, T]`` each token's penalty ``w_div * d + w_attn * s~`` (``+inf`` if protected); None when
+            no term applies.
+        reduced: ``[B]`` flags of the items whose CTR protection was reduced; None without protection.
+    """
+
+    best_score: torch.Tensor
+    best_partner: torch.Tensor
+    normed: torch.Tensor
+    penalty: torch.Tensor | None
+    reduced: torch.Tensor | None
+
+
+def spatial_scores(
+    features: torch.Tensor,
+    remove: int,
+    scoring: Scoring,
+    importance: torch.Tensor | None,
+) -> SpatialScores:
+    """Score every A token's best B partner (the part of :func:`match` before the top ``r`` are chosen).
+
+    Args:
+        features: ``[B, T, D]`` token features.
+        remove: r, at most ``T // 2`` (it bounds the CTR protection).
+        scoring: the weights, CTR and kNN settings.
+        importance: ``[B, T]`` attention received (mean 1), required when ``scoring.needs_attention``.
+
+    Returns:
+        The scores, partners, normalised features and penalties (:class:`SpatialScores`).
+    """
     num_tokens = features.shape[1]
     if not 0 < remove <= num_tokens // 2:
         raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
@@ -283,11 +332,7 @@ def _match(
     best_score, best_partner = log_score.max(dim=-1)
     if penalty is not None:
         best_score = best_score.sub_(penalty[:, 0::2])
-
-    order = torch.argsort(best_score, dim=-1, descending=True, stable=True)
-    src = order[:, :remove]
-    dst = best_partner.gather(1, src)
-    return src, dst, reduced
+    return SpatialScores(best_score, best_partner, normed, penalty, reduced)
 
 
 def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
@@ -326,6 +371,8 @@ def merge(
     Returns:
         The ``[B, T - r, C]`` merged tokens and the updated state.
     """
+    if state.source_item is not None:
+        raise ValueError("this state went through temporal merging; merge it with tuner.evoprune.temporal")
     # The caller's patch tokens are often a view that skips CLS: one copy here instead of one in every gather.
     hidden = hidden.contiguous()
     batch, num_tokens, channels = hidden.shape

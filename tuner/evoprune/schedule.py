@@ -609,8 +609,9 @@ class Schedule:
             True
         """
         scoring = self.scoring.to_dict()
-        for name in ("w_sim", "w_div", "w_attn", "ctr", "tau"):
-            if isinstance(scoring[name], (int, float)) and not isinstance(scoring[name], bool):
+        # temporal_weight is in the dict only when on (Scoring.to_dict), so fingerprints made before it existed hold.
+        for name in ("w_sim", "w_div", "w_attn", "ctr", "tau", "temporal_weight"):
+            if name in scoring and isinstance(scoring[name], (int, float)) and not isinstance(scoring[name], bool):
                 scoring[name] = float(scoring[name])
         canonical = {"remove_per_layer": self.remove_per_layer, "tokens_in": self.tokens_in, "scoring": scoring}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -643,6 +644,8 @@ class Schedule:
             parts.append(f"tau={scoring.tau:g}")
         if scoring.proportional_attention:
             parts.append("prop")
+        if scoring.temporal:
+            parts.append(f"temporal={scoring.temporal_weight:g}")
         return " ".join(parts)
 
     def flops(self, hidden_size: int, intermediate_size: int) -> int:

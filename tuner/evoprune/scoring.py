@@ -30,6 +30,12 @@ class Scoring:
         knn_k: K of the kNN distinctiveness.
         tau: kNN temperature; ``"auto"`` is the median kNN distance of the layer, per image.
         proportional_attention: add ``log(size)`` to later attention logits (ToMe), so a merged token weighs as many.
+        temporal_weight: on video (frames as consecutive batch items, ``EvoPruneHandle.frames_per_item``), in
+            [0, 1]: a *temporal* pair (a token of frame t and an unchanged token of frame t - 1) scores
+            ``temporal_weight * Sim`` (log: ``w_sim * log((1 + cos) / 2) + log(temporal_weight)``), the weight in
+            place of the diversity and attention factors and the CTR mask of a spatial pair; 0 (default) switches
+            temporal merging off, bit-identical to the per-frame engine (docs/method.md, "Temporal merging").
+            Inactive on images.
 
     Example:
         >>> Scoring(w_div=0.5, ctr=0.25).needs_attention
@@ -46,6 +52,7 @@ class Scoring:
     knn_k: int = 8
     tau: float | Literal["auto"] = "auto"
     proportional_attention: bool = False
+    temporal_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("w_sim", "w_div", "w_attn"):
@@ -72,11 +79,31 @@ class Scoring:
                 f"scoring.proportional_attention must be true or false, got {self.proportional_attention!r}"
             )
 
+        weight = self.temporal_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ScheduleError(f"scoring.temporal_weight must be a number in [0, 1] (0 = off), got {weight!r}")
+
     @property
     def needs_attention(self) -> bool:
         """Whether a merging layer must compute the attention-received statistic."""
         return self.w_attn > 0 or self.ctr > 0
 
+    @property
+    def temporal(self) -> bool:
+        """Whether temporal merging is on (it still needs a frame count to act: images never merge temporally)."""
+        return self.temporal_weight > 0
+
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict (the ``scoring`` object of the schedule JSON)."""
-        return asdict(self)
+        """The settings as a plain dict (the ``scoring`` object of the schedule JSON).
+
+        ``temporal_weight`` appears only when temporal merging is on: a schedule without it writes the same document
+        (and has the same fingerprint) as before the setting existed, and a document without it reads as 0.
+
+        Example:
+            >>> "temporal_weight" in Scoring().to_dict(), Scoring(temporal_weight=0.5).to_dict()["temporal_weight"]
+            (False, 0.5)
+        """
+        settings = asdict(self)
+        if not self.temporal:
+            del settings["temporal_weight"]
+        return settings

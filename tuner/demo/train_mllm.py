@@ -1,0 +1,436 @@
+"""Train the demo LLaVA (:mod:`tuner.demo.mllm`) on digit-scene questions and save it with ``save_pretrained``.
+
+Usage::
+
+    python -m tuner.demo.train_mllm                  # seed 0, writes tuner/demo/mllm_weights/
+    python -m tuner.demo.train_mllm --steps 300 --out /tmp/mllm
+
+Two stages, both on train-pool scenes (digits never used in evaluation):
+
+1. **Tower** (:func:`finetune_tower`). The vision tower starts as the demo classifier's, which was trained on one digit
+   per scene with its tokens mean-pooled: a linear probe on one cell's tokens names that cell's digit only about half
+   the time, and a language model cannot learn "what is in the top left" from features that do not hold it. So the
+   tower is fine-tuned with direct per-cell supervision: for each of the 2x2 cells, the mean of that cell's patch
+   tokens at the layer LLaVA reads (``vision_feature_layer=-2``, CLS dropped) goes through a linear head over 11
+   classes (the digits and "empty"). The head is then thrown away; its accuracy on eval-pool scenes is logged.
+2. **Projector and language model** (:func:`train`), from scratch, on the now frozen tower's features, computed once
+   per scene. Each step asks a fresh question (kind, cell, digit and wrong options drawn anew) about a batch of scenes;
+   the loss is the cross-entropy of the answer as the next token after the exact prompt the evaluator scores
+   (:func:`evaluators.mllm.build_prompt`: ``Yes``/``No``, or the option's letter), left-padded with positions counted
+   from the mask, as the evaluator batches it. A training-only alignment loss (:func:`_alignment_loss`) ties each
+   cell's projected tokens to the embedding of its digit's word, LLaVA's feature alignment in miniature.
+
+   **Robustness to token merging.** On a share of the steps (``--merged-share``) the language model reads the tower's
+   features under one of the search space's seed schedules (:func:`merge_schedules`: the paper's Skip default to 32
+   and 16 tokens, the front-loaded Decreasing schedules to 16 and 8), merged as :func:`tuner.mllm.prepare_llava`
+   merges them at inference, with the prompt's image-token run shrunk to the merged count. A model trained on full
+   token sets only answers nonsense to a merged set (Skip to 32 of 64 tokens took counting from 100% to about 30%);
+   the tower itself is not retrained per schedule.
+
+At the end the saved folder is loaded back with ``from_pretrained`` and scored on eval-pool items through the real
+processor and forward, per question kind (:class:`evaluators.digits_vqa.DigitsVqaEvaluator`).
+
+The shipped weights come from the defaults (seed 0): see "Shipped weights" below for the time and accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tuner.demo.mllm import IMAGE_TOKEN, MLLM_WEIGHTS_DIR, build_demo_mllm, build_processor, image_tokens_per_scene
+from tuner.demo.scenes import NUM_CLASSES
+from tuner.demo.vqa import GRID, KINDS, VqaItem, VqaScene, ask, make_scene, render_scene, vqa_items
+from tuner.evoprune import Schedule
+
+__all__ = ["EVAL_ITEMS", "evaluate_saved", "finetune_tower", "main", "merge_schedules", "parse_args", "train"]
+
+EVAL_ITEMS: int = 600
+"""Eval-pool items (200 of each kind) scored at the end of training."""
+
+EMPTY: int = NUM_CLASSES
+"""Class of an empty cell in the tower's per-cell head (after the digits 0-9)."""
+
+MERGE_SEEDS: tuple[str, ...] = (
+    "paper skip default, 50% tokens",
+    "paper skip default, 25% tokens",
+    "front-loaded, no attention statistics, 25% tokens",
+    "front-loaded, no attention statistics, 12% tokens",
+)
+"""Seed points of the ``family`` search space whose merged token sets the language model trains on."""
+
+_CHECK_ITEMS = 150  # eval-pool items of the quick in-training check
+
+
+def merge_schedules(model: LlavaForConditionalGeneration) -> dict[str, Schedule]:
+    """The schedules of :data:`MERGE_SEEDS`, built as the ``family`` search space seeds a study with them."""
+    from search_spaces import EncoderShape, get_space
+
+    space, shape = get_space("family"), EncoderShape.of_model(model)
+    points = {point.label: point for point in space.seed_points(shape)}
+    return {label: space.to_schedule(points[label].params, shape) for label in MERGE_SEEDS}
+
+
+def _prompts(items: Sequence[VqaItem], tokens: int | None = None) -> list[str]:
+    from evaluators.mllm import MllmItem, build_prompt
+
+    run = IMAGE_TOKEN * (image_tokens_per_scene() if tokens is None else tokens)  # the processor's expansion
+    return [build_prompt(MllmItem(0, item.question, item.choices, item.answer, "0"), image_token=run) for item in items]
+
+
+def _option_ids(items: Sequence[VqaItem], tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
+    from evaluators.mllm import MllmItem, option_tokens
+
+    tokens = [option_tokens(MllmItem(0, i.question, i.choices, i.answer, "0")) for i in items]
+    return [list(tokenizer.convert_tokens_to_ids(list(options))) for options in tokens]
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """Rendered uint8 scenes ``[n, 64, 64, 3]`` normalised as the demo's processor does (mean, std 0.5)."""
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32)).div_(255.0).sub_(0.5).div_(0.5)
+
+
+def _feature_layer(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """The tower's features LLaVA reads (``vision_feature_layer``, CLS dropped under the "default" strategy)."""
+    config = model.config
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+    return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
+
+
+def _cell_means(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, 64, H]`` raster-order patch tokens -> ``[B, 4, H]``: the mean of each 2x2-grid cell's tokens."""
+    side = int(math.isqrt(tokens.shape[1]))
+    per_cell = side // GRID
+    grid = tokens.reshape(tokens.shape[0], GRID, per_cell, GRID, per_cell, -1).mean(dim=(2, 4))
+    return grid.reshape(tokens.shape[0], GRID * GRID, -1)
+
+
+def _cell_labels(scenes: Sequence[VqaScene]) -> torch.Tensor:
+    """``[B, 4]``: each cell's digit, or :data:`EMPTY`."""
+    labels = torch.full((len(scenes), GRID * GRID), EMPTY, dtype=torch.long)
+    for row, scene in enumerate(scenes):
+        for label, cell in zip(scene.labels, scene.cells, strict=True):
+            labels[row, cell] = label
+    return labels
+
+
+@torch.inference_mode()
+def _head_accuracy(model: LlavaForConditionalGeneration, head: nn.Linear, scenes: list[VqaScene]) -> float:
+    pixels = _pixels(np.stack([render_scene(scene) for scene in scenes]))
+    predicted = head(_cell_means(_feature_layer(model, pixels))).argmax(-1)
+    return float((predicted == _cell_labels(scenes)).float().mean())
+
+
+def finetune_tower(
+    model: LlavaForConditionalGeneration,
+    scenes: list[VqaScene],
+    images: np.ndarray,
+    *,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    seed: int = 0,
+    log_every: int = 100,
+) -> float:
+    """Stage 1: fine-tune the vision tower so that each cell's tokens name the cell's digit (or "empty").
+
+    Args:
+        model: the LLaVA whose tower is trained (in place; left frozen and in eval mode).
+        scenes: train-pool scenes.
+        images: their rendered pixels, uint8 ``[n, 64, 64, 3]``.
+        steps: optimiser steps (AdamW, linear warm-up over a tenth, cosine decay to 1%).
+        batch_size: scenes per step.
+        lr: peak learning rate of the tower (the fresh linear head learns at 10x).
+        seed: seeds the head and the batches.
+        log_every: print the running loss every this many steps.
+
+    Returns:
+        The head's per-cell accuracy on 300 eval-pool scenes (digits never trained on).
+    """
+    torch.manual_seed(seed)
+    tower = model.model.vision_tower
+    head = nn.Linear(tower.config.hidden_size, NUM_CLASSES + 1)
+    labels = _cell_labels(scenes)
+    tower.requires_grad_(True)
+    tower.train()
+    params = list(tower.parameters())
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr}, {"params": head.parameters(), "lr": 10 * lr}],
+                                  weight_decay=0.01)  # fmt: skip
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
+    rng = np.random.default_rng([seed, 23])
+    started, running = time.perf_counter(), 0.0
+    for step in range(steps):
+        index = rng.integers(0, len(scenes), size=batch_size)
+        logits = head(_cell_means(_feature_layer(model, _pixels(images[index]))))
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[torch.from_numpy(index)].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach())
+        if (step + 1) % log_every == 0:
+            elapsed = time.perf_counter() - started
+            print(f"tower step {step + 1}/{steps}: loss {running / log_every:.3f} ({elapsed:.0f} s)", flush=True)
+            running = 0.0
+    tower.requires_grad_(False)
+    model.eval()
+    held_out = [make_scene("eval", index, seed) for index in range(300)]
+    return _head_accuracy(model, head, held_out)
+
+
+@torch.inference_mode()
+def tower_features(
+    model: LlavaForConditionalGeneration, images: np.ndarray, schedule: Schedule | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """The tower's features LLaVA reads for each rendered scene, ``[n, tokens, width]`` in fp16, under ``schedule``
+    merged as :func:`tuner.mllm.prepare_llava` merges them at inference (None: all 64 tokens)."""
+    from tuner.mllm import prepare_llava
+
+    model.eval()
+    pruning = prepare_llava(model, schedule) if schedule is not None else None
+    try:
+        chunks = [_feature_layer(model, _pixels(images[start : start + batch_size])).to(torch.float16)
+                  for start in range(0, len(images), batch_size)]  # fmt: skip
+    finally:
+        if pruning is not None:
+            pruning.remove()
+    return torch.cat(chunks)
+
+
+def _alignment_loss(
+    model: LlavaForConditionalGeneration, projected: torch.Tensor, scenes: list[VqaScene], digit_ids: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each digit's label from its cell's projected image tokens (all 64, unmerged), scored against
+    the language model's embeddings of the words "0".."9" (cosine, temperature 0.1): LLaVA's feature alignment, in
+    miniature. It shows the language model at once which visual tokens mean which digit word."""
+    cells = _cell_means(projected)  # [B, 4, H]
+    rows = [b for b, scene in enumerate(scenes) for _ in scene.cells]
+    where = [cell for scene in scenes for cell in scene.cells]
+    labels = torch.tensor([label for scene in scenes for label in scene.labels], dtype=torch.long)
+    cell_features = cells[torch.tensor(rows), torch.tensor(where)]
+    words = model.get_input_embeddings()(digit_ids)
+    logits = F.normalize(cell_features, dim=-1) @ F.normalize(words, dim=-1).T / 0.1
+    return F.cross_entropy(logits, labels)
+
+
+def _warmup_cosine(warmup: int, steps: int) -> Any:
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def _forward(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    features: torch.Tensor,
+    items: Sequence[VqaItem],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits after each item's prompt (its image run as long as ``features``' tokens), and the
+    projected image tokens."""
+    encoded = tokenizer(_prompts(items, features.shape[1]), return_tensors="pt", padding=True)
+    mask = encoded["attention_mask"]
+    # The tower's features, projected, as LlavaModel.get_image_features returns them (per image).
+    projected = model.model.multi_modal_projector(features.float())
+    image = BaseModelOutputWithPooling(pooler_output=list(projected))  # type: ignore[arg-type]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": positions}
+    output = model(**inputs, mm_encoder_outputs={"image": image}, logits_to_keep=1, use_cache=False)
+    return output.logits[:, -1], projected
+
+
+@torch.inference_mode()
+def _check(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    items: Sequence[VqaItem],
+    features: dict[str, torch.Tensor],
+) -> str:
+    """Accuracy per kind on eval-pool items under each token set (a quick check while training)."""
+    model.eval()
+    parts = []
+    for name, feats in features.items():
+        logits, _ = _forward(model, tokenizer, feats, items)
+        right: dict[str, list[bool]] = {}
+        for row, (item, ids) in enumerate(zip(items, _option_ids(items, tokenizer), strict=True)):
+            right.setdefault(item.kind, []).append(int(logits[row, ids].argmax()) == item.answer)
+        parts.append(f"{name}: " + " ".join(f"{k[:3]} {sum(v) / len(v):.0%}" for k, v in sorted(right.items())))
+    model.train()
+    return " | ".join(parts)
+
+
+def train(
+    *,
+    steps: int = 1200,
+    scenes: int = 6000,
+    batch_size: int = 48,
+    lr: float = 1e-3,
+    tower_steps: int = 600,
+    tower_lr: float = 3e-4,
+    align_weight: float = 0.2,
+    merged_share: float = 0.5,
+    warmup: int = 100,
+    seed: int = 0,
+    log_every: int = 100,
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
+    """Fine-tune the tower per cell, then train projector and language model on train-pool questions.
+
+    Args:
+        steps: optimiser steps of stage 2.
+        scenes: train-pool scenes rendered (each is asked a fresh question whenever it is drawn).
+        batch_size: questions per step of stage 2.
+        lr: peak learning rate of the projector and the language model (AdamW, linear warm-up, cosine decay to 1%).
+        tower_steps: optimiser steps of stage 1 (:func:`finetune_tower`); 0 keeps the classifier's tower.
+        tower_lr: peak learning rate of stage 1.
+        align_weight: weight of the training-only alignment loss (:func:`_alignment_loss`, on unmerged steps); 0
+            leaves it out.
+        merged_share: share of stage-2 steps that read merged token sets (:func:`merge_schedules`, drawn uniformly).
+        warmup: warm-up steps of stage 2.
+        seed: seeds the fresh weights, the scenes and the questions.
+        log_every: print the running loss every this many steps.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    torch.manual_seed(seed)
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    model = build_demo_mllm(tokenizer, seed=seed)
+    started = time.perf_counter()
+    train_scenes = [make_scene("train", index, seed) for index in range(scenes)]
+    images = np.stack([render_scene(scene) for scene in train_scenes])  # uint8: what an image file holds
+    print(f"rendered {scenes} train-pool scenes in {time.perf_counter() - started:.0f} s", flush=True)
+    if tower_steps > 0:
+        accuracy = finetune_tower(model, train_scenes, images, steps=tower_steps, lr=tower_lr, seed=seed)
+        print(f"tower: a cell's digit (or empty) from its mean token, eval-pool scenes: {accuracy:.1%} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+    schedules: dict[str, Schedule | None] = {"all 64": None, **merge_schedules(model)}
+    check_items = vqa_items("eval", _CHECK_ITEMS, seed)
+    check_images = np.stack([render_scene(item.scene) for item in check_items])
+    features, check = {}, {}
+    for name, schedule in schedules.items():
+        features[name] = tower_features(model, images, schedule)
+        check[name] = tower_features(model, check_images, schedule)
+    counts = ", ".join(f"{name}: {f.shape[1]}" for name, f in features.items())
+    print(f"tower features (tokens {counts}) in {time.perf_counter() - started:.0f} s", flush=True)
+    names = list(features)
+
+    model.model.vision_tower.requires_grad_(False)
+    trainable = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
+    digits = torch.tensor(tokenizer.convert_tokens_to_ids([str(d) for d in range(NUM_CLASSES)]), dtype=torch.long)
+    rng = np.random.default_rng([seed, 17])
+    model.train()
+    running = 0.0
+    for step in range(steps):
+        chosen = rng.integers(0, scenes, size=batch_size)
+        merged = len(names) > 1 and rng.random() < merged_share
+        name = names[1 + int(rng.integers(0, len(names) - 1))] if merged else names[0]
+        items = [ask(train_scenes[int(i)], KINDS[int(rng.integers(0, len(KINDS)))], rng) for i in chosen]
+        logits, projected = _forward(model, tokenizer, features[name][torch.from_numpy(chosen)], items)
+        answers = torch.tensor(
+            [ids[item.answer] for item, ids in zip(items, _option_ids(items, tokenizer), strict=True)]
+        )
+        loss = F.cross_entropy(logits, answers)
+        if align_weight > 0 and not merged:
+            loss = loss + align_weight * _alignment_loss(
+                model, projected, [train_scenes[int(i)] for i in chosen], digits
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach())
+        if (step + 1) % log_every == 0:
+            elapsed = time.perf_counter() - started
+            print(f"step {step + 1}/{steps}: loss {running / log_every:.3f} ({elapsed:.0f} s)", flush=True)
+            running = 0.0
+        if (step + 1) % (4 * log_every) == 0 or step + 1 == steps:
+            print(
+                f"  check ({_CHECK_ITEMS} eval-pool items) {_check(model, tokenizer, check_items, check)}", flush=True
+            )
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_saved(
+    folder: str | Path, items: int = EVAL_ITEMS, batch_size: int = 32, schedule: Schedule | None = None
+) -> dict[str, float]:
+    """Accuracy per question kind of the saved model on eval-pool items, as the ``digits-vqa`` evaluator scores them.
+
+    Args:
+        folder: the saved model and processor.
+        items: eval-pool items scored (``items // 2`` calibration and the rest held-out, all of them scored).
+        batch_size: prompts per forward.
+        schedule: a schedule applied while scoring (as a study applies it); None for the unpruned model.
+
+    Returns:
+        Accuracy per kind and ``"all"``.
+    """
+    from evaluators.digits_vqa import DigitsVqaEvaluator
+
+    evaluator = DigitsVqaEvaluator(model=str(folder), calib=items // 2, holdout=items - items // 2,
+                                   batch_size=batch_size)  # fmt: skip
+    if schedule is None:
+        return evaluator.accuracy_by_kind()
+    with evaluator.applied(schedule):
+        return evaluator.accuracy_by_kind()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--steps", type=int, default=1200, help="optimiser steps of stage 2")
+    parser.add_argument("--scenes", type=int, default=6000, help="train-pool scenes rendered")
+    parser.add_argument("--batch-size", type=int, default=48, help="questions per step of stage 2")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of projector and language model")
+    parser.add_argument("--tower-steps", type=int, default=600, help="steps of stage 1, the per-cell tower fine-tune")
+    parser.add_argument("--tower-lr", type=float, default=3e-4, help="peak learning rate of stage 1")
+    parser.add_argument("--align-weight", type=float, default=0.2, help="weight of the alignment loss (0: none)")
+    parser.add_argument("--merged-share", type=float, default=0.5, help="share of steps on merged token sets")
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=MLLM_WEIGHTS_DIR, help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train, save the model and its processor, and print eval-pool accuracy per question kind."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = train(steps=args.steps, scenes=args.scenes, batch_size=args.batch_size, lr=args.lr,
+                             tower_steps=args.tower_steps, tower_lr=args.tower_lr, align_weight=args.align_weight,
+                             merged_share=args.merged_share, seed=args.seed)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    build_processor(tokenizer).save_pretrained(args.out)
+    print(f"saved to {args.out}", flush=True)
+    schedules: dict[str, Schedule | None] = {"unpruned": None, **merge_schedules(model)}
+    for name, schedule in schedules.items():
+        accuracy = evaluate_saved(args.out, schedule=schedule)
+        shown = ", ".join(f"{kind} {value:.1%}" for kind, value in accuracy.items())
+        print(f"eval-pool accuracy ({EVAL_ITEMS} items), {name}: {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
