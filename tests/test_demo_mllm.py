@@ -142,3 +142,29 @@ def test_a_short_study_through_the_cli_exports_a_schedule(tmp_path: Path) -> Non
 
 def _mllm_item(item: VqaItem) -> MllmItem:
     return MllmItem(0, item.question, item.choices, item.answer, "0")
+
+
+def test_training_reads_merged_features_as_the_pruned_model_does() -> None:
+    from tuner.demo.train_mllm import _cell_labels, _cell_means, merge_schedules, tower_features
+    from tuner.mllm import prepare_llava
+
+    model, _ = load_demo_mllm()
+    schedules = merge_schedules(model)
+    assert sorted(schedule.tokens_out for schedule in schedules.values()) == [10, 16, 16, 32]
+    scenes = [item.scene for item in vqa_items("eval", 4, seed=0)]
+    images = np.stack([render_scene(scene) for scene in scenes])
+    skip16 = schedules["paper skip default, 25% tokens"]
+    features = tower_features(model, images, skip16)
+    assert features.shape == (4, 16, model.model.vision_tower.config.hidden_size)
+    # What stage 2 feeds the language model is what the pruned model computes from the pixels at inference.
+    with prepare_llava(model, skip16), torch.inference_mode():
+        served = model.model.get_image_features(pixel_values=scene_pixels(scenes)).pooler_output
+        trained = model.model.multi_modal_projector(features.float())
+    assert torch.allclose(torch.stack(list(served)), trained, atol=0.05)
+    assert tower_features(model, images).shape[1] == 64  # no schedule: every patch token
+    # The tower's per-cell targets: each occupied cell's digit, 10 for an empty one; cell means in raster order.
+    labels = _cell_labels(scenes)
+    for row, scene in enumerate(scenes):
+        assert sorted(labels[row].tolist()) == sorted([*scene.labels, *[10] * (4 - len(scene.labels))])
+    tokens = torch.arange(64.0).reshape(1, 64, 1)
+    assert _cell_means(tokens).flatten().tolist() == [13.5, 17.5, 45.5, 49.5]

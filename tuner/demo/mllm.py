@@ -4,10 +4,9 @@ Everything is transformers' own: a :class:`~transformers.LlavaForConditionalGene
 features read at ``vision_feature_layer=-2`` with the CLS token dropped, a two-layer GELU projector) whose vision tower
 is the tower of :mod:`tuner.demo.model`'s classifier (6 layers, 128 wide, 64 patch tokens + CLS; fine-tuned by
 :mod:`tuner.demo.train_mllm` so that each grid cell's tokens name its digit) and whose language model is a 4-layer,
-128-wide Llama; and a
-:class:`~transformers.LlavaProcessor` made of a :class:`~transformers.CLIPImageProcessor` for the 64 px scenes (mean
-and std 0.5, as the tower was trained; a 64 px image is neither resized nor cropped) and a word-level
-:class:`~transformers.PreTrainedTokenizerFast` whose vocabulary is every word of the prompts
+128-wide Llama; and a :class:`~transformers.LlavaProcessor` made of a :class:`~transformers.CLIPImageProcessor` for
+the 64 px scenes (mean and std 0.5, as the tower was trained; a 64 px image is neither resized nor cropped) and a
+word-level :class:`~transformers.PreTrainedTokenizerFast` whose vocabulary is every word of the prompts
 :func:`evaluators.mllm.build_prompt` makes of :mod:`tuner.demo.vqa`'s questions. The processor expands ``<image>`` to
 64 image tokens (8x8 patches + CLS - CLS), as the model's features.
 
