@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -85,6 +86,33 @@ class StopRequest:
         return exit_code(self.signal_name)
 
 
+_CRITICAL_FILES = (os.path.join("optuna", "storages", "journal", "_file.py"),)
+"""Code a :class:`Terminated` must not be raised into: Optuna's journal-file lock, whose ``release`` cannot unwind an
+exception raised between its rename and its unlink (it then fails with FileNotFoundError, which hides the signal and
+can leave the lock behind)."""
+
+REDELIVER_SECONDS = 0.02
+"""A signal that lands in critical code is sent again this much later (the code holds the lock for microseconds)."""
+
+
+def _in_critical_code(frame: Any) -> bool:
+    """Whether the interrupted code (``frame`` and its callers) is inside :data:`_CRITICAL_FILES`."""
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CRITICAL_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _terminate(name: str, signum: int, frame: Any) -> None:
+    """Raise :class:`Terminated` where the signal landed, or, inside critical code, send the signal again shortly so
+    it is raised once that code is left (the stop request is already recorded)."""
+    if _in_critical_code(frame):
+        threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), signum)).start()
+        return
+    raise Terminated(name)
+
+
 @contextlib.contextmanager
 def _quiet_in_finalisers() -> Iterator[None]:
     """Inside the block, a :class:`Terminated` raised while Python runs a finaliser (``__del__``, a weakref callback)
@@ -127,14 +155,15 @@ def graceful_stop(
         yield request
         return
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         hard = name == "SIGTERM" or request.requested
         request.signal_name = name
         request.hard = request.hard or hard
         searching = stop_search()
         if not searching or (request.hard and in_trial()):
-            raise Terminated(name)
+            _terminate(name, signum, frame)
+            return
         if request.hard:
             note(f"{name}: stopping before the next trial")
         else:
@@ -182,8 +211,8 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
         return
 
-    def on_sigterm(_signum: int, _frame: Any) -> None:
-        raise Terminated("SIGTERM")
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _terminate("SIGTERM", signum, frame)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
