@@ -287,12 +287,6 @@ class GqaEvaluator(MllmEvaluator):
             pictures = load_rgb_images(images, self._image_column, [item.image_row for item in chunk], name)
             prompts = [gqa_prompt(item.question, image_token) for item in chunk]
             encoded = self.processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
-            inputs = {
-                key: value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
-                for key, value in encoded.items()
-                if key in ("input_ids", "attention_mask", "pixel_values")
-            }
-            # As MllmEvaluator's batches: positions from the mask, so the prefill scope times the same call.
-            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            inputs = self._device_inputs(encoded)  # as MllmEvaluator's batches, so the scopes time the same call
             batches.append((inputs, None, [item.answer for item in chunk]))
         return batches

@@ -389,17 +389,22 @@ class MllmEvaluator(Evaluator):
             chunk = items[start : start + self.batch_size]
             images = load_rgb_images(dataset, image_column, [item.row for item in chunk], name)
             prompts = [build_prompt(item, image_token) for item in chunk]
-            encoded = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-            inputs = {
-                key: value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
-                for key, value in encoded.items()
-                if key in ("input_ids", "attention_mask", "pixel_values")
-            }
-            # Positions counted from the mask, so a left-padded prompt scores as it would alone.
-            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            inputs = self._device_inputs(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
             option_ids = [self._ids_of(option_tokens(item), name) for item in chunk]
             batches.append((inputs, option_ids, [item.answer for item in chunk]))
         return batches
+
+
+    def _device_inputs(self, encoded: Any) -> dict[str, Any]:
+        """The processor's ids, mask and pixels on the device (pixels in the model's dtype), with positions counted
+        from the mask, so a left-padded prompt scores as it would alone."""
+        inputs = {
+            key: value.to(self.device, dtype=self.dtype) if key == "pixel_values" else value.to(self.device)
+            for key, value in encoded.items()
+            if key in ("input_ids", "attention_mask", "pixel_values")
+        }
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return inputs
 
 
 def _load_llava_processor(name: str) -> Any:

@@ -22,7 +22,7 @@ from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditi
 
 from tuner.evoprune import EvoPruneError, EvoPruneHandle, Schedule, ScheduleError, UnsupportedModelError, apply
 from tuner.evoprune.adapters import resolve_encoder
-from tuner.mllm.tokens import PaddingSide, rewrite_image_runs
+from tuner.mllm.tokens import PaddingSide, RewrittenPrompt, rewrite_image_runs
 
 __all__ = ["LlavaPruning", "TowerPruning", "llava_layers_used", "prepare_llava", "vision_layers_that_run"]
 
@@ -127,18 +127,7 @@ class TowerPruning:
             labels=kwargs.get("labels"),
             padding_side=self.padding_side,
         )
-        updated = {**kwargs, "input_ids": rewritten.input_ids}
-        if rewritten.attention_mask is not None:
-            updated["attention_mask"] = rewritten.attention_mask
-        if rewritten.labels is not None:
-            updated["labels"] = rewritten.labels
-        if kwargs.get("position_ids") is not None:
-            # Given positions counted the native prompt; count the rewritten one the same way (from its mask).
-            mask = rewritten.attention_mask
-            if mask is None:
-                mask = torch.ones_like(rewritten.input_ids)
-            updated["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return updated
+        return _with_rewritten(kwargs, rewritten)
 
     def remove(self) -> None:
         """Restore the model's own forwards and prompts. Safe to call twice."""
@@ -201,6 +190,22 @@ def prepare_llava(
     if not isinstance(model, LlavaForConditionalGeneration):
         raise UnsupportedModelError(f"prepare_llava takes a LlavaForConditionalGeneration, got {type(model).__name__}")
     return LlavaPruning(model, schedule, padding_side)
+
+
+def _with_rewritten(kwargs: dict[str, Any], rewritten: RewrittenPrompt) -> dict[str, Any]:
+    """``kwargs`` with the rewritten ids, mask and labels (and positions counted again, when given)."""
+    updated = {**kwargs, "input_ids": rewritten.input_ids}
+    if rewritten.attention_mask is not None:
+        updated["attention_mask"] = rewritten.attention_mask
+    if rewritten.labels is not None:
+        updated["labels"] = rewritten.labels
+    if kwargs.get("position_ids") is not None:
+        # Given positions counted the native prompt; count the rewritten one the same way (from its mask).
+        mask = rewritten.attention_mask
+        if mask is None:
+            mask = torch.ones_like(rewritten.input_ids)
+        updated["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return updated
 
 
 def _pad_token_id(model: Any) -> int:

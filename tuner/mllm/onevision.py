@@ -54,8 +54,8 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 
 from tuner.evoprune import EvoPruneError, Schedule, UnsupportedModelError
-from tuner.mllm.llava import TowerPruning, _pad_token_id
-from tuner.mllm.tokens import PaddingSide, RewrittenPrompt, rewrite_image_runs, runs_hold
+from tuner.mllm.llava import TowerPruning, _pad_token_id, _with_rewritten
+from tuner.mllm.tokens import PaddingSide, rewrite_image_runs, runs_hold
 
 __all__ = [
     "OnevisionPruning",
@@ -256,22 +256,6 @@ def _tiled(batch_num_images: Any, images: int) -> list[bool]:
             "processor's output as it is"
         )
     return tiled
-
-
-def _with_rewritten(kwargs: dict[str, Any], rewritten: RewrittenPrompt) -> dict[str, Any]:
-    """``kwargs`` with the rewritten ids, mask and labels (and positions counted again, when given)."""
-    updated = {**kwargs, "input_ids": rewritten.input_ids}
-    if rewritten.attention_mask is not None:
-        updated["attention_mask"] = rewritten.attention_mask
-    if rewritten.labels is not None:
-        updated["labels"] = rewritten.labels
-    if kwargs.get("position_ids") is not None:
-        # Given positions counted the native prompt; count the rewritten one the same way (from its mask).
-        mask = rewritten.attention_mask
-        if mask is None:
-            mask = torch.ones_like(rewritten.input_ids)
-        updated["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return updated
 
 
 def _no_pooling(self: nn.Module, features: torch.Tensor) -> torch.Tensor:
