@@ -63,6 +63,8 @@ class EvaluatorOptions:
         seed: seeds the calibration/held-out split (and anything else random in the task).
         latency_scope: what is timed (:data:`LATENCY_SCOPES`); None for the evaluator's default.
         new_tokens: tokens generated per timed call with the ``generate`` scope.
+        frames: frames sampled per video (a video task's ``--frames``); None for the evaluator's default. An evaluator
+            without video (:attr:`Evaluator.default_frames` None) refuses any other value.
 
     Example:
         >>> EvaluatorOptions.of(None, {"calib": 64, "seed": 3}).calib
@@ -71,7 +73,7 @@ class EvaluatorOptions:
         Traceback (most recent call last):
         ...
         tuner.errors.EvaluatorError: unknown evaluator option 'calibration'; valid: model, dataset, dataset_split, \
-calib, holdout, batch_size, device, dtype, seed, latency_scope, new_tokens
+calib, holdout, batch_size, device, dtype, seed, latency_scope, new_tokens, frames
     """
 
     model: str | None = None
@@ -85,6 +87,7 @@ calib, holdout, batch_size, device, dtype, seed, latency_scope, new_tokens
     seed: int = 0
     latency_scope: str | None = None
     new_tokens: int = 16
+    frames: int | None = None
 
     @classmethod
     def of(cls, options: EvaluatorOptions | None, settings: Mapping[str, Any]) -> EvaluatorOptions:
@@ -129,6 +132,9 @@ class Evaluator(ABC):
     """Tokens generated per timed call with the ``generate`` scope."""
     frames_per_item: int = 1
     """Frames per video the encoder sees as consecutive batch items (temporal merging's unit); 1 for images."""
+    default_frames: ClassVar[int | None] = None
+    """Frames sampled per video when the options give none; None for an evaluator without video (it refuses
+    ``frames``, see :meth:`check_frames`)."""
     model: nn.Module
     batch_size: int
     device: torch.device
@@ -184,6 +190,36 @@ model); available: encoder
             raise EvaluatorError(f"new_tokens must be an integer >= 1, got {new_tokens!r}", param="new_tokens")
         return scope
 
+    @classmethod
+    def check_frames(cls, frames: int | None) -> int | None:
+        """The frames per video this evaluator samples for ``frames`` (None: its :attr:`default_frames`).
+
+        Raises:
+            EvaluatorError: ``frames`` given to an evaluator without video, or not an integer >= 1.
+
+        Example:
+            >>> class Images(Evaluator):
+            ...     name = "images"
+            >>> Images.check_frames(None) is None
+            True
+            >>> Images.check_frames(32)
+            Traceback (most recent call last):
+            ...
+            tuner.errors.EvaluatorError: frames applies to video tasks (videomme); task 'images' has no video: leave \
+out frames
+        """
+        if frames is None:
+            return cls.default_frames
+        if cls.default_frames is None:
+            raise EvaluatorError(
+                f"frames applies to video tasks ({', '.join(_video_tasks())}); task {cls.name!r} has no video: leave "
+                "out frames",
+                param="frames",
+            )
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise EvaluatorError(f"frames must be an integer >= 1, got {frames!r}", param="frames")
+        return frames
+
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable settings that identify the task (model, dataset, sizes, seed): a study's identity."""
@@ -225,6 +261,16 @@ model); available: encoder
         self.seed = int(options.seed)
         self.latency_scope = self.check_latency_scope(options.latency_scope, options.new_tokens)
         self.new_tokens = int(options.new_tokens)
+        self.check_frames(options.frames)
+
+
+def _video_tasks() -> list[str]:
+    """The registered evaluators that sample video frames (for messages); ``videomme`` where the registry cannot be
+    read (a plugin that fails to load must not hide the message it is part of)."""
+    try:
+        return [name for name in EVALUATORS.names() if EVALUATORS.get(name).default_frames is not None] or ["videomme"]
+    except Exception:  # noqa: BLE001 - any plugin failure: fall back to the built-in video task
+        return ["videomme"]
 
 
 def evaluator_class(name: str, loaded: Any) -> type[Evaluator]:

@@ -306,9 +306,10 @@ class VideoMmeEvaluator(MllmEvaluator):
             ``LlavaOnevisionForConditionalGeneration`` with its tokenizer and processor settings saved beside it;
             ``dataset``: ``lmms-eval/Video-MME`` by default, or a local dataset in its schema; ``calib``/``holdout``
             count videos (all of a video's questions go to one slice), stratified by duration; ``batch_size``
-            questions per forward.
-        frames: frames sampled per video (default :attr:`default_frames`); every video gets exactly this many.
-        **settings: fields of :class:`~evaluators.base.EvaluatorOptions` that override ``options``.
+            questions per forward; ``frames``: frames sampled per video (``--frames``; None: :attr:`default_frames`),
+            every video gets exactly this many.
+        **settings: fields of :class:`~evaluators.base.EvaluatorOptions` that override ``options`` (``frames=16``
+            included).
 
     Attributes:
         calib_items: the calibration questions (:class:`VideoItem`); ``holdout_items`` the held-out ones.
@@ -327,16 +328,12 @@ class VideoMmeEvaluator(MllmEvaluator):
     default_frames: ClassVar[int] = 8
     requires: ClassVar[dict[str, str]] = {"model": "a LLaVA-OneVision or LLaVA-Video model folder or hub id"}
 
-    def __init__(self, options: EvaluatorOptions | None = None, /, *, frames: int | None = None,
-                 **settings: Any) -> None:  # fmt: skip
+    def __init__(self, options: EvaluatorOptions | None = None, /, **settings: Any) -> None:
         options = EvaluatorOptions.of(options, settings)
         self.task = self.spec
         if options.model is None:
             raise EvaluatorError("the videomme evaluator needs a LLaVA-OneVision model; give model", param="model")
-        frames = self.default_frames if frames is None else frames
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise EvaluatorError(f"frames must be an integer >= 1, got {frames!r}", param="frames")
-        self.frames = self.frames_per_item = frames
+        self.frames = self.frames_per_item = int(self.check_frames(options.frames) or self.default_frames)
         dataset_name = options.dataset or str(self.spec.dataset)
         self._set_runtime(options, self.default_batch_size)
         self.model_name, self.dataset_name = options.model, dataset_name
@@ -382,6 +379,10 @@ class VideoMmeEvaluator(MllmEvaluator):
             model.model.get_video_features(pixel_values_videos=videos)
 
         return encode
+
+    def describe_latency(self) -> str:
+        """The scope's words, with the frames each video of the batch has (the study, export and apply say it)."""
+        return f"{super().describe_latency()} videos of {self.frames} frames"
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "frames": self.frames}

@@ -92,9 +92,11 @@ def test_unpruned_accuracy_is_above_chance(evaluator: DigitsVqaEvaluator) -> Non
     assert get_evaluator("digits-vqa") is DigitsVqaEvaluator and evaluator.settings()["model"] == "tuner.demo.mllm"
     accuracy = evaluator.accuracy_by_kind("holdout")
     assert set(accuracy) == {"all", *KINDS}
-    # The shipped model counts (99.5% on 600 eval-pool items); position (30%) and presence (50%) sit near chance
-    # (see tuner.demo.train_mllm), so only counting and the whole are held above chance here.
-    assert accuracy["count"] > 0.8 and accuracy["all"] > sum(CHANCE.values()) / 3 + 0.15, accuracy
+    # On 600 eval-pool items the shipped model counts (95.5%), answers presence (86.8%) and names a cell's digit
+    # 40.7% of the time (see tuner.demo.train_mllm). Counting, presence and the whole are held clearly above chance
+    # here; position is not (32 items in this slice, and the model is weak at it).
+    assert accuracy["count"] > 0.8 and accuracy["presence"] > 0.7, accuracy
+    assert accuracy["all"] > sum(CHANCE.values()) / 3 + 0.15, accuracy
     assert evaluator.accuracy("holdout") == pytest.approx(accuracy["all"])
     calib = {item.row for item in evaluator.calib_items}
     assert calib.isdisjoint(item.row for item in evaluator.holdout_items)
@@ -168,3 +170,25 @@ def test_training_reads_merged_features_as_the_pruned_model_does() -> None:
         assert sorted(labels[row].tolist()) == sorted([*scene.labels, *[10] * (4 - len(scene.labels))])
     tokens = torch.arange(64.0).reshape(1, 64, 1)
     assert _cell_means(tokens).flatten().tolist() == [13.5, 17.5, 45.5, 49.5]
+
+
+def test_per_token_tower_training_targets_each_tokens_cell() -> None:
+    from tuner.demo.mllm import build_demo_mllm
+    from tuner.demo.train_mllm import _cell_means, _token_cells, finetune_tower
+
+    cells = _token_cells(64)
+    grid = cells.reshape(8, 8)
+    quadrants = [grid[:4, :4], grid[:4, 4:], grid[4:, :4], grid[4:, 4:]]
+    assert all(quadrant.eq(cell).all() for cell, quadrant in enumerate(quadrants))
+    tokens = torch.arange(64.0).reshape(1, 64, 1)
+    assert [float(tokens[0, cells == cell].mean()) for cell in range(4)] == _cell_means(tokens).flatten().tolist()
+
+    model = build_demo_mllm(seed=0)
+    scenes = [item.scene for item in vqa_items("train", 8, seed=0)]
+    images = np.stack([render_scene(scene) for scene in scenes])
+    before = {name: p.detach().clone() for name, p in model.model.vision_tower.named_parameters()}
+    accuracy = finetune_tower(model, scenes, images, steps=2, batch_size=4, per_token=True, log_every=1)
+    assert 0.0 <= accuracy <= 1.0
+    after = dict(model.model.vision_tower.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the tower was trained
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters()) and not model.training

@@ -235,6 +235,14 @@ def run(
     new_tokens: Annotated[
         int, typer.Option(help="Tokens generated per timed call with --latency-scope generate.", min=1)
     ] = 16,
+    frames: Annotated[
+        int | None,
+        typer.Option(
+            help="Frames sampled uniformly from each video (video tasks only: videomme; default 8). More frames: more "
+            "visual tokens per question, so more accuracy and more latency. Other tasks refuse it.",
+            min=1,
+        ),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -267,6 +275,7 @@ def run(
         "calib": calib, "holdout": holdout, "batch_size": batch_size, "device": device, "dtype": dtype,
         "space": space, "repeats": repeats, "final_repeats": final_repeats, "latency_source": latency_source,
         "prefer": prefer.value, "workers": workers, "latency_scope": latency_scope, "new_tokens": new_tokens,
+        "frames": frames,
     }  # fmt: skip
     options = _run_options(ctx, values, config)
     console = _console()
@@ -343,7 +352,7 @@ def _resume_command(options: Any, study_name: str) -> str:
     }  # fmt: skip
     for name in ("storage", "model", "dataset", "dataset_split", "evaluator", "calib", "holdout", "batch_size", "space",
                  "device", "dtype", "latency_source", "seed", "sampler", "workers", "latency_scope",
-                 "new_tokens"):  # fmt: skip
+                 "new_tokens", "frames"):  # fmt: skip
         value = getattr(options, name)
         if value is not None and value != defaults.get(name):
             words += [flag(name), public_url(value) if name == "storage" else str(value)]  # no password shown
@@ -632,7 +641,9 @@ def _study_lines(context: Any, records: list[Any]) -> list[str]:
         f"{context.name}: {len(records)} finished / {requested if requested is not None else '?'} requested trials; "
         f"budget {context.settings.get('budget')} = {context.budget_ms():.2f} ms; unpruned reference "
         f"{context.reference_ms:.2f} ms at batch {context.settings.get('batch_size')}; latency {source}"
-        f" ({context.settings.get('latency_scope') or 'encoder'} scope)"
+        f" ({context.settings.get('latency_scope') or 'encoder'} scope"
+        + (f", {context.settings['frames']} frames per video" if context.settings.get("frames") else "")
+        + ")"
         + (f"; {noisy} trials stayed noisy (a loaded machine)" if noisy else "")
     ]
     feasible = [r for r in records if r.feasible]

@@ -86,6 +86,8 @@ class RunOptions:
         latency_scope: what is timed: ``encoder``, ``prefill`` or ``generate`` (``evaluators.base.LATENCY_SCOPES``);
             None for the evaluator's default (``prefill`` for the LLaVA tasks, ``encoder`` for the others).
         new_tokens: tokens generated per timed call with the ``generate`` scope.
+        frames: frames sampled per video for a video task (``videomme``), or None for the evaluator's default; other
+            tasks refuse it.
     """
 
     budget: str
@@ -112,6 +114,7 @@ class RunOptions:
     workers: int = 1
     latency_scope: str | None = None
     new_tokens: int = 16
+    frames: int | None = None
 
     @property
     def evaluator_name(self) -> str:
@@ -175,6 +178,7 @@ class RunOptions:
                 raise EvaluatorError(f"{name} must be an integer >= {minimum}{why}, got {value!r}", param=name)
         evaluator = get_evaluator(self.evaluator_name)
         evaluator.check_latency_scope(self.latency_scope, self.new_tokens)
+        evaluator.check_frames(self.frames)
         evaluator.check_required({"model": self.model, "dataset": self.dataset})
         for kind in ("model", "dataset"):
             value = getattr(self, kind)
@@ -194,6 +198,8 @@ class RunOptions:
             "dtype": self.dtype,
             "latency_scope": self.latency_scope,
             "new_tokens": self.new_tokens,
+            # Only when given: evaluators without video (plugins' among them) never see the keyword.
+            **({"frames": self.frames} if self.frames is not None else {}),
         }
 
 

@@ -339,7 +339,8 @@ def check_resume(study: optuna.Study, storage_url: str, options: RunOptions, bud
     wanted: dict[str, Any] = {
         "evaluator": options.evaluator_name, "budget": str(budget), "space": options.space,
         "latency_source": options.latency_source, "device": device, "calib": options.calib,
-        "holdout": options.holdout, "batch_size": options.batch_size,
+        "holdout": options.holdout, "batch_size": options.batch_size, "latency_scope": options.latency_scope,
+        "frames": options.frames,
     }  # fmt: skip
     differences = []
     if isinstance(stored, dict):
