@@ -428,14 +428,14 @@ def train(
     kind_p = None if kind_weights is None else np.asarray(kind_weights, dtype=float) / float(sum(kind_weights))
     if focus is not None and focus[0] not in KINDS:
         raise ValueError(f"unknown question kind {focus[0]!r}; available: {', '.join(KINDS)}")
-    focus_kind = cast(Kind, focus[0] if focus is not None else KINDS[0])
+    focus_kind, focus_steps = (cast(Kind, focus[0]), focus[1]) if focus is not None else (KINDS[0], 0)
     model.train()
     running = 0.0
     for step in range(steps):
         chosen = rng.integers(0, scenes, size=batch_size)
         merged = merged_share > 0 and rng.random() < merged_share  # no draw at 0: the stream of the earlier recipe
         name = names[1 + int(rng.integers(0, len(names) - 1))] if merged else names[0]
-        if focus is not None and step < focus[1]:
+        if step < focus_steps:
             items = [ask(train_scenes[int(i)], focus_kind, rng) for i in chosen]
         elif kind_p is None:  # the earlier recipe's stream: a kind, then its question, scene by scene
             items = [ask(train_scenes[int(i)], KINDS[int(rng.integers(0, len(KINDS)))], rng) for i in chosen]
