@@ -235,6 +235,33 @@ def test_protected_tokens_and_unchosen_tokens_pass_through_bit_identical() -> No
             assert torch.equal(out[b, new_index], hidden[b, token])
 
 
+def test_a_merged_token_that_takes_no_part_in_a_later_step_passes_through_bit_identical() -> None:
+    # The merge weighs every token by its size over its output token's size; for a token that takes no part that is
+    # size / size, exactly 1.0, whatever the size (here up to several patches after a first step).
+    generator = torch.Generator().manual_seed(5)
+    batch, num_tokens = 3, 40
+    hidden = torch.randn(batch, num_tokens, 8, generator=generator) * 3.7
+    scoring = Scoring(w_div=0.5, ctr=0.25)
+    importance = torch.rand(batch, num_tokens, generator=generator)
+    hidden, state = merge_step(hidden, hidden, TokenState.start(batch, num_tokens, "cpu"), 15, scoring, importance)
+    assert bool((state.sizes > 1).any())
+    importance = torch.rand(batch, hidden.shape[1], generator=generator)
+    inputs = (hidden.clone(), state.sizes.clone(), state.source.clone(), state.first_patch.clone())
+    out, new_state = merge_step(hidden, hidden, state, 6, scoring, importance)
+    # The step leaves its inputs as they were.
+    after = (hidden, state.sizes, state.source, state.first_patch)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after, strict=True))
+    checked = 0
+    for b in range(batch):
+        for position in range(hidden.shape[1]):
+            # The output token of an original patch this token covers.
+            new_index = int(new_state.source[b][state.source[b] == position][0])
+            if new_state.sizes[b, new_index] == state.sizes[b, position]:  # took no part
+                assert torch.equal(out[b, new_index], hidden[b, position])
+                checked += int(state.sizes[b, position] > 1)
+    assert checked > 0
+
+
 def test_protection_never_blocks_the_requested_removal() -> None:
     # All the important tokens are in A: protection inside A is capped so the step still removes r.
     num_tokens, remove = 16, 7

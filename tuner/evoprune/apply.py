@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tuner.evoprune.adapters import PRE_NORM_VIT_OPS, LayerOps, VisionEncoder, resolve_encoder
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
-from tuner.evoprune.merge import TokenState, merge_step, patch_importance
+from tuner.evoprune.merge import TokenState, _as_dtype, merge_step, patch_importance
 from tuner.evoprune.schedule import Schedule
 from tuner.evoprune.temporal import temporal_merge_step
 
@@ -516,15 +516,25 @@ def _attention_with_statistics(
         softmax_dtype = torch.promote_types(query.dtype, torch.float32)
         # Chunk results are concatenated rather than written with out=, which autograd does not allow.
         outputs, received = [], []
-        for items, head_groups in attention_chunks(batch, heads, length, hidden.device, chunk_logits):
+        chunks = attention_chunks(batch, heads, length, hidden.device, chunk_logits)
+        # One chunk covering everything (small token counts): the whole tensors, without indexing them (each index
+        # is an operator call, and at batch 1 on a CPU these layers cost mostly per-operator overhead).
+        whole = len(chunks) == 1 and chunks[0][1] == [slice(None)]
+        for items, head_groups in chunks:
             item_outputs, item_received = [], []
             for head_group in head_groups:
-                logits = torch.matmul(query[items, head_group], key[items, head_group].transpose(-1, -2))
-                if mask is not None:
-                    logits = logits + mask[items]
+                if whole:
+                    chunk_query, chunk_key, chunk_value, chunk_mask = query, key, value, mask
+                else:
+                    chunk_query, chunk_key = query[items, head_group], key[items, head_group]
+                    chunk_value = value[items, head_group]
+                    chunk_mask = None if mask is None else mask[items]
+                logits = torch.matmul(chunk_query, chunk_key.transpose(-1, -2))
+                if chunk_mask is not None:
+                    logits = logits + chunk_mask
                 probabilities = torch.softmax(logits, dim=-1, dtype=softmax_dtype)
                 item_received.append(probabilities.sum(dim=2))
-                item_outputs.append(torch.matmul(probabilities.to(query.dtype), value[items, head_group]))
+                item_outputs.append(torch.matmul(_as_dtype(probabilities, query.dtype), chunk_value))
             outputs.append(_cat(item_outputs, dim=1))
             received.append(_cat(item_received, dim=1))
         output = _cat(outputs, dim=0)

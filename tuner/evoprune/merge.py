@@ -23,7 +23,14 @@ _SIMILARITY_FLOOR = 1e-6
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precision and float32 inputs, float64 for float64 ones (scores, means and statistics)."""
-    return torch.promote_types(dtype, torch.float32)
+    # A Python comparison, not torch.promote_types: that is an operator call, and a merge step is mostly per-op
+    # overhead at batch 1 on a CPU.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without an operator call when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 @dataclass
@@ -40,7 +47,8 @@ class TokenState:
             (:mod:`tuner.evoprune.temporal`) folds tokens into the previous frame's item and sets it.
         protection_reduced: ``[B]`` bool, set by :func:`merge_step` on the state it returns: for each item, whether
             that step protected fewer tokens than the method's ``N_protect`` so that it could remove exactly r
-            (see :func:`protected_tokens`); None when the step protected nothing (CTR 0) or no step made this state.
+            (see :func:`protected_tokens`); None when the step protected nothing (CTR 0), when no item's protection
+            could be reduced at this token count, or when no step made this state.
     """
 
     sizes: torch.Tensor
@@ -101,7 +109,7 @@ def patch_importance(received: torch.Tensor, special_tokens: int = 0) -> torch.T
     Returns:
         ``[B, N - special_tokens]`` in the accumulation dtype (float32, or float64 for float64 input).
     """
-    patches = received[:, special_tokens:].to(_accumulation_dtype(received.dtype))
+    patches = _as_dtype(received[:, special_tokens:], _accumulation_dtype(received.dtype))
     total = patches.sum(dim=1, keepdim=True).clamp_min_(torch.finfo(patches.dtype).tiny)
     return patches * (patches.shape[1] / total)
 
@@ -178,33 +186,43 @@ def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple
     Returns:
         ``(protected_a, protected_b)``: bool masks ``[B, |A|]`` and ``[B, |B|]``.
     """
+    mask = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
     protection = _protection(importance, ctr, remove)
-    if protection is None:
-        mask = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
-    else:
-        mask = protection[0]
+    if protection is not None:
+        candidates, keep, _ = protection
+        mask.scatter_(1, candidates, True if keep is None else keep)
     return mask[:, 0::2], mask[:, 1::2]
 
 
-def _protection(importance: torch.Tensor, ctr: float, remove: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`protected_tokens` as one ``[B, T]`` mask, with the ``[B]`` flags of the items whose protection was
-    reduced below ``N_protect``; None when nothing is protected."""
-    batch, num_tokens = importance.shape
+def _protection(
+    importance: torch.Tensor, ctr: float, remove: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """:func:`protected_tokens` as ``(candidates, keep, reduced)``; None when nothing is protected.
+
+    ``candidates`` ``[B, N_protect]`` are the most important tokens, ``keep`` (same shape, bool) which of them stay
+    protected under the caps, and ``reduced`` ``[B]`` the items where a cap dropped one. Where no cap can bind at
+    this token count, ``keep`` and ``reduced`` are None: every candidate is protected.
+    """
+    num_tokens = importance.shape[1]
     num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
     num_protect = protect_count(ctr, num_tokens, remove)
     if num_protect == 0:
         return None
-    # The candidates, most important first (ties to the lower index); walking them in that order, a token is kept
-    # protected while its own set is under its cap: B while fewer than |B| - 1 B tokens came before it, A while
-    # fewer than |A| - r A tokens did (at walk position j, j - count_b A tokens came before).
+    # The candidates, most important first (ties to the lower index).
     candidates = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :num_protect]
+    if num_protect <= min(num_b - 1, num_a - remove):
+        # Neither cap can bind whichever sets the candidates fall in (the usual case: r below about T / 4 at CTR
+        # 0.25), so no item's protection is reduced: skip the walk, which is most of this function's operators.
+        return candidates, None, None
+    # Walking the candidates in order, a token is kept protected while its own set is under its cap: B while fewer
+    # than |B| - 1 B tokens came before it, A while fewer than |A| - r A tokens did (at walk position j, j - count_b
+    # A tokens came before).
     in_b = candidates.remainder(2)
     count_b = in_b.cumsum(dim=1)
     walked = torch.arange(1, num_protect + 1, device=importance.device)
     keep = torch.where(in_b.bool(), count_b < num_b, walked - count_b <= num_a - remove)
-    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=importance.device)
     # Flags stay on the device (no host synchronisation); whoever reports them reads them once, after the forward.
-    return mask.scatter_(1, candidates, keep), ~keep.all(dim=1)
+    return candidates, keep, ~keep.all(dim=1)
 
 
 def match(
@@ -259,7 +277,8 @@ class SpatialScores:
         normed: ``[B, T, D]`` the L2-normalised features (accumulation dtype).
         penalty: ``[B, T]`` each token's penalty ``w_div * d + w_attn * s~`` (``+inf`` if protected); None when
             no term applies.
-        reduced: ``[B]`` flags of the items whose CTR protection was reduced; None without protection.
+        reduced: ``[B]`` flags of the items whose CTR protection was reduced; None without protection or
+            where no reduction was possible.
     """
 
     best_score: torch.Tensor
@@ -290,7 +309,7 @@ def spatial_scores(
     if not 0 < remove <= num_tokens // 2:
         raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
     compute_dtype = _accumulation_dtype(features.dtype)
-    normed = F.normalize(features.to(compute_dtype), dim=-1)
+    normed = F.normalize(_as_dtype(features, compute_dtype), dim=-1)
     if scoring.w_div > 0:
         cosine = normed @ normed.transpose(1, 2)
         cosine_ab = cosine[:, 0::2, 1::2]
@@ -317,15 +336,19 @@ def spatial_scores(
         if importance is None:
             raise ValueError("these scoring settings need the attention received by each token")
         if scoring.w_attn > 0:
-            attention_penalty = importance.to(compute_dtype) * scoring.w_attn
+            attention_penalty = _as_dtype(importance, compute_dtype) * scoring.w_attn
             penalty = attention_penalty if penalty is None else penalty.add_(attention_penalty)
         protection = _protection(importance, scoring.ctr, remove) if scoring.ctr > 0 else None
         if protection is not None:
-            protected, reduced = protection
-            # A mask, not a multiplication: a negative log score times -inf would be +inf.
+            candidates, keep, reduced = protection
+            # +inf written in, not multiplied: a negative log score times -inf would be +inf.
             if penalty is None:
-                penalty = torch.zeros(protected.shape, device=protected.device, dtype=compute_dtype)
-            penalty = penalty.masked_fill_(protected, float("inf"))
+                penalty = torch.zeros(importance.shape, device=importance.device, dtype=compute_dtype)
+            if keep is None:
+                penalty = penalty.scatter_(1, candidates, float("inf"))
+            else:
+                protected = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
+                penalty = penalty.masked_fill_(protected.scatter_(1, candidates, keep), float("inf"))
 
     if penalty is not None:
         log_score = log_score.sub_(penalty[:, None, 1::2])
@@ -373,10 +396,7 @@ def merge(
     """
     if state.source_item is not None:
         raise ValueError("this state went through temporal merging; merge it with tuner.evoprune.temporal")
-    # The caller's patch tokens are often a view that skips CLS: one copy here instead of one in every gather.
-    hidden = hidden.contiguous()
     batch, num_tokens, channels = hidden.shape
-    num_b = num_tokens // 2
     remove = src.shape[1]
     kept = num_tokens - remove
     device = hidden.device
@@ -391,38 +411,32 @@ def merge(
     order_key = state.first_patch.clone()
     order_key[:, 1::2].scatter_reduce_(1, dst, state.first_patch.gather(1, src_pos), reduce="amin")
     order_key.scatter_(1, src_pos, torch.iinfo(torch.long).max)
-    kept_pos = torch.argsort(order_key, dim=1)[:, :kept]
+    sorted_key, order = torch.sort(order_key, dim=1)
+    kept_pos = order[:, :kept]
 
-    # new_index[b, p]: the output token that input position p ends up in.
-    new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    new_index.scatter_(1, kept_pos, torch.arange(kept, device=device).expand_as(kept_pos))
+    # new_index[b, p]: the output token that input position p ends up in: its rank in the order (merged A tokens
+    # rank last, at kept and beyond), and for a merged A token its destination's.
+    new_index = torch.argsort(order, dim=1)
     new_index.scatter_(1, src_pos, new_index.gather(1, dst_pos))
 
-    # Every kept token as it is (tokens that take no part pass through bit-identical), then the r destinations
-    # overwritten by their size-weighted means. A destination that receives several A tokens appears several times
-    # in dst, with the same value each time. Weighted sums in float32 (float64 for float64 tokens): sizes reach
+    # One weighted sum into the output tokens: each input token weighs its size over its output token's size. A
+    # token that takes no part weighs exactly 1.0 (size / same size) and is added to zero, so it passes through
+    # bit-identical; a destination gets the size-weighted mean of its group. One index_add instead of separate
+    # gathers for sources, destinations and the tokens that pass: at batch 1 on a CPU a merge step costs mostly
+    # per-operator overhead (docs/engine-speed.md). Sums in float32 (float64 for float64 tokens): sizes reach
     # hundreds and fp16 would overflow.
+    new_sizes = sizes.gather(1, kept_pos)
     sum_dtype = _accumulation_dtype(hidden.dtype)
-    src_values = _take_tokens(hidden, src_pos).to(sum_dtype).mul_(src_sizes[..., None])
-    received = torch.zeros(batch * num_b, channels, device=device, dtype=sum_dtype)
-    received.index_add_(0, _flat_rows(dst, num_b), src_values.view(-1, channels))
-    dst_means = (
-        _take_tokens(hidden, dst_pos)
-        .to(sum_dtype)
-        .mul_(state.sizes.gather(1, dst_pos)[..., None])
-        .add_(_take_tokens(received.view(batch, num_b, channels), dst))
-        .div_(sizes.gather(1, dst_pos)[..., None])
-        .to(hidden.dtype)
-    )
-    merged = _take_tokens(hidden, kept_pos)
-    merged.view(batch * kept, channels).index_copy_(
-        0, _flat_rows(new_index.gather(1, dst_pos), kept), dst_means.view(-1, channels)
-    )
+    weight = _as_dtype(state.sizes, sum_dtype) / _as_dtype(new_sizes.gather(1, new_index), sum_dtype)
+    merged = torch.zeros(batch * kept, channels, device=device, dtype=sum_dtype)
+    weighted = _as_dtype(hidden, sum_dtype).mul(weight[..., None])
+    merged.index_add_(0, _flat_rows(new_index, kept), weighted.reshape(-1, channels))
     new_state = TokenState(
-        sizes=sizes.gather(1, kept_pos),
+        sizes=new_sizes,
         source=new_index.gather(1, state.source),
-        first_patch=order_key.gather(1, kept_pos),
+        first_patch=sorted_key[:, :kept],
     )
+    merged = _as_dtype(merged.view(batch, kept, channels), hidden.dtype)
     return merged, new_state
 
 
