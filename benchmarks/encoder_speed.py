@@ -192,7 +192,7 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device, dty
         share = merge_share(model, schedule, x, rounds=max(3, args.repeats // 3))
         predicted = schedule.predicted_speedup(config.hidden_size, config.intermediate_size)
         print(
-            f"| {name} | {label} | {native_ms:.1f} | {pruned_ms:.1f} | {oracle_ms:.1f} | {native_ms / pruned_ms:.2f}x "
+            f"| {name} | {label} | {native_ms:.2f} | {pruned_ms:.2f} | {oracle_ms:.2f} | {native_ms / pruned_ms:.2f}x "
             f"| {predicted:.2f}x | {oracle_ms / pruned_ms:.2f} | {100 * share:.1f}% |",
             flush=True,
         )
