@@ -192,3 +192,40 @@ def test_per_token_tower_training_targets_each_tokens_cell() -> None:
     after = dict(model.model.vision_tower.named_parameters())
     assert any(not torch.equal(before[name], after[name]) for name in before)  # the tower was trained
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters()) and not model.training
+
+
+def test_the_focus_ends_once_its_kind_is_answered_or_at_its_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from collections import deque
+
+    from tuner.demo.train_mllm import FOCUS_EXIT_ACCURACY, FOCUS_WINDOW, _end_of_focus
+
+    # At chance for 60 steps, then answered: the focus ends once the window's mean reaches the exit accuracy.
+    right: deque[float] = deque(maxlen=FOCUS_WINDOW)
+    focus_steps, step, ended_at = 1200, 0, None
+    while step < focus_steps:
+        accuracy = 0.5 if step < 60 else 1.0
+        focus_steps = _end_of_focus(step, focus_steps, "presence", right, accuracy)
+        if focus_steps == step + 1:
+            ended_at = step + 1
+        step += 1
+    # The window holds k answered steps and 50 - k at chance: its mean 0.5 + k / 100 reaches 0.8 at k = 30.
+    assert FOCUS_WINDOW == 50 and FOCUS_EXIT_ACCURACY == 0.8
+    assert ended_at == 60 + 30
+    assert "presence answered (80% of the last 50 steps' training questions) after 90 steps" in capsys.readouterr().out
+
+    # Never answered: the focus lasts its limit and says the model may stay near chance.
+    right.clear()
+    focus_steps = 100
+    for step in range(100):
+        assert _end_of_focus(step, focus_steps, "presence", right, 0.5) == 100
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "warning: training accuracy on presence still 50% after 100 focus steps" in out
+
+
+def test_a_model_near_chance_on_a_kind_is_named() -> None:
+    from tuner.demo.train_mllm import CHANCE as TRAIN_CHANCE
+    from tuner.demo.train_mllm import near_chance
+
+    assert TRAIN_CHANCE == CHANCE
+    assert near_chance({"count": 0.955, "position": 0.407, "presence": 0.868, "all": 0.748}) == []
+    assert near_chance({"count": 0.95, "position": 0.289, "presence": 0.512, "all": 0.587}) == ["position", "presence"]
