@@ -78,3 +78,30 @@ def test_a_sigterm_inside_optunas_journal_lock_is_raised_after_the_lock_code_is_
             time.sleep(0.01)
     assert outcomes == ["left the lock code"]  # not raised inside that file
     assert caught.value.exit_code == 143
+
+
+def test_a_redelivery_still_pending_when_the_block_ends_never_reaches_the_default_handler() -> None:
+    """The redelivered SIGTERM of a signal that landed in Optuna's journal lock code must not outlive its block: on
+    CI a run stopped by SIGTERM printed its report, then the pending redelivery killed it at exit (status -15, not 143).
+    In a child process: the signal lands in "lock code", the block ends before the redelivery is due, the default
+    handler is back; the child must live on and exit normally."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from tuner.signals import REDELIVER_SECONDS, terminate_on_sigterm
+        source = "def hold(kill):\\n    kill()\\n    return 'left the lock code'\\n"
+        namespace = {}
+        exec(compile(source, os.path.join("site", "optuna", "storages", "journal", "_file.py"), "exec"), namespace)
+        with terminate_on_sigterm():
+            print(namespace["hold"](lambda: os.kill(os.getpid(), signal.SIGTERM)), flush=True)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        time.sleep(20 * REDELIVER_SECONDS)  # when the redelivery would have come
+        print("alive", flush=True)
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.split() == ["left", "the", "lock", "code", "alive"]

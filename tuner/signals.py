@@ -104,13 +104,54 @@ def _in_critical_code(frame: Any) -> bool:
     return False
 
 
+# Handlers of this module that are installed now, and the redeliveries still pending. A redelivery sends its signal
+# only while one of these handlers is installed for it, and a block restores the previous handlers only after
+# cancelling the pending ones, both under the lock: a redelivery can never reach a default handler (which would kill
+# the process after it reported its stop, e.g. while the interpreter exits).
+_our_handlers: set[Any] = set()
+_pending: set[threading.Timer] = set()
+_redelivery_lock = threading.RLock()
+
+
+def _redeliver(signum: int) -> None:
+    with _redelivery_lock:
+        _pending.difference_update([timer for timer in _pending if timer.finished.is_set()])
+        if signal.getsignal(signum) in _our_handlers:
+            os.kill(os.getpid(), signum)
+
+
 def _terminate(name: str, signum: int, frame: Any) -> None:
     """Raise :class:`Terminated` where the signal landed, or, inside critical code, send the signal again shortly so
     it is raised once that code is left (the stop request is already recorded)."""
     if _in_critical_code(frame):
-        threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), signum)).start()
+        timer = threading.Timer(REDELIVER_SECONDS, _redeliver, (signum,))
+        timer.daemon = True  # never keeps the interpreter from exiting
+        with _redelivery_lock:
+            _pending.add(timer)
+        timer.start()
         return
     raise Terminated(name)
+
+
+@contextlib.contextmanager
+def _installed(handlers: dict[int, Any]) -> Iterator[None]:
+    """Install ``handlers`` (signal number to handler) for the block, then cancel pending redeliveries and restore
+    the previous handlers."""
+    previous = {}
+    with _redelivery_lock:
+        for signum, handler in handlers.items():
+            _our_handlers.add(handler)
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        with _redelivery_lock:
+            for timer in _pending:
+                timer.cancel()
+            _pending.clear()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            _our_handlers.difference_update(handlers.values())
 
 
 @contextlib.contextmanager
@@ -169,13 +210,8 @@ def graceful_stop(
         else:
             note(f"{name}: stopping after the running trial (Ctrl-C again to stop at once)")
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with _quiet_in_finalisers():
-            yield request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with _installed({signal.SIGINT: on_signal, signal.SIGTERM: on_signal}), _quiet_in_finalisers():
+        yield request
 
 
 @contextlib.contextmanager
@@ -214,9 +250,5 @@ def terminate_on_sigterm() -> Iterator[None]:
     def on_sigterm(signum: int, frame: Any) -> None:
         _terminate("SIGTERM", signum, frame)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        with _quiet_in_finalisers():
-            yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _installed({signal.SIGTERM: on_sigterm}), _quiet_in_finalisers():
+        yield
