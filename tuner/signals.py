@@ -115,7 +115,7 @@ _redelivery_lock = threading.RLock()
 
 def _redeliver(signum: int) -> None:
     with _redelivery_lock:
-        _pending.difference_update([timer for timer in _pending if timer.finished.is_set()])
+        _pending.discard(threading.current_thread())  # type: ignore[arg-type]  # this timer: no longer pending
         if signal.getsignal(signum) in _our_handlers:
             os.kill(os.getpid(), signum)
 
@@ -230,12 +230,8 @@ def relay_signals(send: Callable[[int], None]) -> Iterator[StopRequest]:
         request.signal_name = name
         send(signum)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _installed({signal.SIGINT: on_signal, signal.SIGTERM: on_signal}):
         yield request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -330,11 +330,11 @@ def _alignment_loss(
     return F.cross_entropy(logits, labels)
 
 
-def _right(logits: torch.Tensor, items: Sequence[VqaItem], tokenizer: PreTrainedTokenizerFast) -> list[bool]:
-    """Per question, whether its right option is the most likely of its options (as the evaluator scores)."""
-    ids = _option_ids(items, tokenizer)
+def _right(logits: torch.Tensor, items: Sequence[VqaItem], option_ids: list[list[int]]) -> list[bool]:
+    """Per question, whether its right option is the most likely of its options (as the evaluator scores);
+    ``option_ids`` from :func:`_option_ids`."""
     return [int(logits[row, row_ids].argmax()) == item.answer
-            for row, (item, row_ids) in enumerate(zip(items, ids, strict=True))]  # fmt: skip
+            for row, (item, row_ids) in enumerate(zip(items, option_ids, strict=True))]  # fmt: skip
 
 
 def _warmup_cosine(warmup: int, steps: int) -> Any:
@@ -379,7 +379,7 @@ def _check(
     for name, feats in features.items():
         logits, _ = _forward(model, tokenizer, feats, items)
         right: dict[str, list[bool]] = {}
-        for item, answered in zip(items, _right(logits, items, tokenizer), strict=True):
+        for item, answered in zip(items, _right(logits, items, _option_ids(items, tokenizer)), strict=True):
             right.setdefault(item.kind, []).append(answered)
         parts.append(f"{name}: " + " ".join(f"{k[:3]} {sum(v) / len(v):.0%}" for k, v in sorted(right.items())))
     model.train()
@@ -489,12 +489,11 @@ def train(
             kinds = [KINDS[int(k)] for k in rng.choice(len(KINDS), size=len(chosen), p=kind_p)]
             items = [ask(train_scenes[int(i)], kind, rng) for i, kind in zip(chosen, kinds, strict=True)]
         logits, projected = _forward(model, tokenizer, features[name][torch.from_numpy(chosen)], items)
-        answers = torch.tensor(
-            [ids[item.answer] for item, ids in zip(items, _option_ids(items, tokenizer), strict=True)]
-        )
+        option_ids = _option_ids(items, tokenizer)
+        answers = torch.tensor([ids[item.answer] for item, ids in zip(items, option_ids, strict=True)])
         loss = F.cross_entropy(logits, answers)
         if in_focus:
-            answered = _right(logits, items, tokenizer)
+            answered = _right(logits, items, option_ids)
             focus_steps = _end_of_focus(step, focus_steps, focus_kind, focus_right, sum(answered) / len(answered))
         if align_weight > 0 and not merged:
             loss = loss + align_weight * _alignment_loss(
