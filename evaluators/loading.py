@@ -317,12 +317,34 @@ def load_image_processor(name: str) -> Any:
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(_existing_or_id(name))
+        try:
+            return AutoImageProcessor.from_pretrained(_existing_or_id(name))
+        except ImportError as error:
+            if "torchvision" not in str(error).lower():
+                raise
+            return _pil_image_processor(_existing_or_id(name))
     except Exception as error:  # noqa: BLE001
         raise EvaluatorError(
             f"cannot load the image processor of {name!r} ({_first_line(error)}); save one beside the model "
             "(image_processor.save_pretrained)"
         ) from None
+
+
+def _pil_image_processor(name: str) -> Any:
+    """The saved image processor's PIL-backed class (``<Name>Pil``), loaded directly.
+
+    Some transformers 5 releases refuse ``AutoImageProcessor`` without torchvision even where the model's processor
+    has a PIL backend; the class named in the saved settings, or its ``Pil`` variant, loads without it.
+    """
+    import transformers
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    settings, _ = ImageProcessingMixin.get_image_processor_dict(name)
+    class_name = str(settings.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+    processor_class = getattr(transformers, f"{class_name}Pil", None) or getattr(transformers, class_name, None)
+    if processor_class is None:
+        raise ImportError(f"no PIL image processor {class_name!r} in this transformers; install torchvision")
+    return processor_class.from_pretrained(name)
 
 
 def load_processor(name: str) -> tuple[Any, Any]:

@@ -164,11 +164,12 @@ class FrameTransform:
         Raises:
             EvaluatorError: no processor settings beside the model, or a frame size the tower does not take.
         """
-        from transformers.video_processing_utils import VideoProcessorMixin
+        # BaseVideoProcessor has the class method in every transformers 5.x (VideoProcessorMixin only from 5.2x).
+        from transformers.video_processing_utils import BaseVideoProcessor
 
         local = Path(name).expanduser()
         try:
-            saved, _ = VideoProcessorMixin.get_video_processor_dict(str(local) if local.exists() else name)
+            saved, _ = BaseVideoProcessor.get_video_processor_dict(str(local) if local.exists() else name)
         except Exception as error:  # noqa: BLE001 - OSError for a missing file, others for a bad one
             raise EvaluatorError(
                 f"cannot read the video processor settings of {name!r} ({type(error).__name__}); save the model's "
@@ -376,7 +377,7 @@ class VideoMmeEvaluator(MllmEvaluator):
         videos = inputs["pixel_values_videos"]
 
         def encode() -> None:
-            model.model.get_video_features(pixel_values_videos=videos)
+            model.model.get_video_features(videos)  # positional: named pixel_values before transformers 5.2x
 
         return encode
 
