@@ -154,7 +154,8 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device, dty
     """Time one encoder natively, under each schedule and under each schedule's oracle; print a row per schedule."""
     torch.manual_seed(0)
     video = args.frames > 0 and name == video_name(args.frames)
-    model = ENCODERS[VIDEO_ENCODER if video else name]().to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs (fast on a GPU)
+        model = ENCODERS[VIDEO_ENCODER if video else name]().to(dtype=dtype).eval()
     config: Any = model.config
     has_cls = isinstance(model, CLIPVisionModel)
     family = "clip" if has_cls else "siglip"

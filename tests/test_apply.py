@@ -369,6 +369,45 @@ def test_every_chunking_mode_equals_the_full_softmax(mode: str) -> None:
         torch.testing.assert_close(patch_importance(received, 1).mean(dim=1), torch.ones(3))
 
 
+@pytest.mark.parametrize("mode", CHUNK_MODES)
+def test_aligned_operands_give_the_same_attention_and_statistics(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU, large explicit attentions pad keys to a multiple of 8 and fold the size bias into one more channel
+    # (cuBLAS's aligned kernels); forced here on a CPU, for 37 tokens (padded to 40) and 36 (a multiple of 8 only
+    # with the bias), in every chunking mode: the output, keys and attention received must not change.
+    budget, _ = CHUNK_MODES[mode]
+    apply_module = importlib.import_module("tuner.evoprune.apply")
+    attention = resolve_encoder(clip_vision()).layers[0].self_attn
+    for length in (37, 40):
+        hidden = torch.randn(3, length, 32, generator=torch.Generator().manual_seed(3))
+        bias = torch.rand(3, 1, 1, length, generator=torch.Generator().manual_seed(4)).log()
+        for mask in (None, bias):
+            with torch.inference_mode():
+                monkeypatch.setattr(apply_module, "_ALIGN_DEVICES", ())
+                plain = apply_module._attention_with_statistics(attention, hidden, mask, True, budget)
+                monkeypatch.setattr(apply_module, "_ALIGN_DEVICES", ("cpu",))
+                monkeypatch.setattr(apply_module, "_ALIGN_MIN_LOGITS", 0)
+                query = torch.zeros(3, 4, length, 8)
+                assert apply_module._aligns(query, mask) == (mask is not None or length % 8 != 0)
+                aligned = apply_module._attention_with_statistics(attention, hidden, mask, True, budget)
+            torch.testing.assert_close(aligned[0], plain[0], rtol=1e-5, atol=1e-6)
+            assert torch.equal(aligned[1], plain[1])
+            assert aligned[2] is not None and aligned[2].shape == (3, length)
+            torch.testing.assert_close(aligned[2], plain[2], rtol=1e-5, atol=1e-6)
+
+
+def test_aligned_operands_pad_keys_and_channels_to_multiples_of_eight() -> None:
+    apply_module = importlib.import_module("tuner.evoprune.apply")
+    query, key, value = (torch.randn(2, 3, 13, 6) for _ in range(3))
+    bias = torch.randn(2, 1, 1, 13)
+    aligned_query, aligned_key, aligned_value = apply_module._aligned_operands(query, key, value, bias)
+    shapes = (aligned_query.shape, aligned_key.shape, aligned_value.shape)
+    assert shapes == ((2, 3, 13, 8), (2, 3, 16, 8), (2, 3, 16, 6))
+    logits = aligned_query @ aligned_key.transpose(-1, -2)
+    torch.testing.assert_close(logits[..., :13], query @ key.transpose(-1, -2) + bias)
+    assert torch.all(logits[..., 13:] < -1e37) and torch.equal(aligned_value[:, :, 13:], torch.zeros(2, 3, 3, 6))
+    assert torch.all(torch.softmax(logits, dim=-1)[..., 13:] == 0)
+
+
 @pytest.mark.parametrize("budget", [CHUNK_MODES["one batched computation"][0], 1])
 def test_forced_chunking_through_the_handle_changes_no_output(budget: int) -> None:
     model = clip_vision()

@@ -290,6 +290,10 @@ def run(
         raise typer.Exit(result.exit_code)
     _print_selection(result.selection, progress, console)
     if result.schedule is None:
+        from tuner.options import resolve_device_name
+
+        if resolve_device_name(options.device).startswith("cuda"):
+            console.print(GPU_SMALL_BATCH_HINT)
         console.print(f"plot: {result.plot_path}")
         raise typer.Exit(EXIT_NO_FEASIBLE)
     _print_chosen(result.schedule, result.best_path, console)
@@ -375,6 +379,15 @@ def _report_interrupt(storage: str, study_name: str, resume_hint: str, running: 
         f"({running}); resume with: {resume_hint}",
         err=True,
     )
+
+
+# Measured on an H200 (docs/engine-speed.md, "On a GPU"): a one-image forward launches operators faster than the host
+# can issue them, so fewer tokens save little there while each merge step adds operators.
+GPU_SMALL_BATCH_HINT = (
+    "on a GPU a small batch waits for the host to launch its operators, where fewer tokens save little and each merge "
+    "step adds operators; EvoPrune pays where the GPU computes: larger batches (--batch-size), more frames, longer "
+    "prompts (docs/engine-speed.md)"
+)
 
 
 def _report_no_feasible(selection: Any, console: Console) -> None:

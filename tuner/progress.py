@@ -138,7 +138,7 @@ class RunProgress:
                 self.note(
                     f"trial {outcome.number}: its latency stayed noisy after re-measuring ({self.noisy} such trials so "
                     "far): the machine looks loaded; each latency is a ratio to the unpruned model timed beside it, "
-                    "but keep other jobs off the cores"
+                    "but keep other jobs off the machine"
                 )
         if outcome.seed_point:
             marks.append(f"seed: {outcome.seed_point}")

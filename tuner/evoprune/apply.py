@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tuner.evoprune.adapters import PRE_NORM_VIT_OPS, LayerOps, VisionEncoder, resolve_encoder
 from tuner.evoprune.errors import EvoPruneError, ScheduleError
-from tuner.evoprune.merge import TokenState, _as_dtype, merge_step, patch_importance
+from tuner.evoprune.merge import TokenState, _accumulation_dtype, merge_step, patch_importance
 from tuner.evoprune.schedule import Schedule
 from tuner.evoprune.temporal import temporal_merge_step
 
@@ -417,7 +417,8 @@ def _slicing_layer_forward(
 _CHUNK_LOGITS = 1 << 18
 # On a GPU, cache blocking buys nothing and every chunk costs several kernel launches from a Python loop, so a chunk
 # takes as many logits as fit in this share of the memory available now, at this many bytes of temporaries per
-# logit and element byte (logits, logits + bias, probabilities in the model's dtype) plus 4 (float32 softmax).
+# logit and element byte (logits, logits + bias, probabilities in the model's dtype) plus 4 of headroom (the
+# softmax's own working space).
 _GPU_MEMORY_SHARE = 0.25
 _GPU_TEMPORARIES = 3
 # Beyond this a chunk saves no launch worth having, and tensors stay under 2**31 elements (32-bit kernel indexing).
@@ -513,7 +514,15 @@ def _attention_with_statistics(
     if need_importance:
         # The scale goes on the queries ([.., N, d]) rather than on the logits ([.., N, N]).
         query = query * scale
-        softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+        # The softmax in the model's dtype (a half-precision softmax accumulates in float32 inside its kernel), the
+        # column sums accumulated in float32. A float32 copy of the probabilities would double the memory traffic of
+        # this path, which is what it costs on a GPU at video scale (32 frames x 729 tokens: 0.27e9 logits a layer).
+        sum_dtype = _accumulation_dtype(query.dtype)
+        padded = _aligns(query, mask)
+        if padded:
+            query, key_operand, value, mask = (*_aligned_operands(query, key, value, mask), None)
+        else:
+            key_operand = key
         # Chunk results are concatenated rather than written with out=, which autograd does not allow.
         outputs, received = [], []
         chunks = attention_chunks(batch, heads, length, hidden.device, chunk_logits)
@@ -524,26 +533,81 @@ def _attention_with_statistics(
             item_outputs, item_received = [], []
             for head_group in head_groups:
                 if whole:
-                    chunk_query, chunk_key, chunk_value, chunk_mask = query, key, value, mask
+                    chunk_query, chunk_key, chunk_value, chunk_mask = query, key_operand, value, mask
                 else:
-                    chunk_query, chunk_key = query[items, head_group], key[items, head_group]
+                    chunk_query, chunk_key = query[items, head_group], key_operand[items, head_group]
                     chunk_value = value[items, head_group]
                     chunk_mask = None if mask is None else mask[items]
                 logits = torch.matmul(chunk_query, chunk_key.transpose(-1, -2))
                 if chunk_mask is not None:
                     logits = logits + chunk_mask
-                probabilities = torch.softmax(logits, dim=-1, dtype=softmax_dtype)
-                item_received.append(probabilities.sum(dim=2))
-                item_outputs.append(torch.matmul(_as_dtype(probabilities, query.dtype), chunk_value))
+                probabilities = torch.softmax(logits, dim=-1)
+                item_received.append(probabilities.sum(dim=2, dtype=sum_dtype))
+                item_outputs.append(torch.matmul(probabilities, chunk_value))
             outputs.append(_cat(item_outputs, dim=1))
             received.append(_cat(item_received, dim=1))
         output = _cat(outputs, dim=0)
-        # Column sums over the queries, averaged over the heads: N times the column mean.
+        # Column sums over the queries, averaged over the heads: N times the column mean (padding keys dropped).
         importance = _cat(received, dim=0).mean(dim=1)
+        if padded:
+            importance = importance[:, :length]
     else:
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     output = ops.attention_output(attention, output)
     return output, key.mean(dim=1), importance
+
+
+# On a GPU, attention logits of at least this many values are computed with aligned rows (:func:`_aligned_operands`):
+# a row of 729 half-precision logits (SigLIP at 384 px) is 1458 bytes, not a multiple of 16, and cuBLAS then falls
+# back to slow unaligned kernels for both products (measured on an H200: about a seventh of a 32-frame SigLIP so400m
+# forward). Below it (one image: 5e6 logits for CLIP ViT-L/14-336) the few extra operators would cost more host
+# time than they save, as a batch-1 forward on a GPU waits for the host (a threshold chosen, not measured).
+_ALIGN_MIN_LOGITS = 1 << 24
+_ALIGN_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _aligns(query: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether this explicit attention pads its operands (:func:`_aligned_operands`)."""
+    batch, heads, length, _ = query.shape
+    if query.device.type not in _ALIGN_DEVICES or batch * heads * length * length < _ALIGN_MIN_LOGITS:
+        return False
+    if mask is not None:
+        # Only a per-key bias (proportional attention's [B, 1, 1, N]) folds into the keys.
+        return tuple(mask.shape) == (batch, 1, 1, length)
+    return length % 8 != 0
+
+
+def _aligned_operands(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values padded so that every row of logits and probabilities is a multiple of 8 values.
+
+    The keys get padding rows up to a multiple of 8, and every vector one more channel: 1 in the queries, the key's
+    bias in the keys (proportional attention's ``log size``, else 0; a large negative number for a padding key, whose
+    probability is then exactly 0), then zeros up to a multiple of 8 channels. So ``q' . k'`` is the logit with its
+    bias, added inside the product (no pass over the logits), and the padding keys' columns are sliced off the
+    column sums. Values get zero rows for the padding keys.
+
+    Args:
+        query: ``[B, H, N, d]`` queries, already scaled.
+        key: ``[B, H, N, d]``; value: ``[B, H, N, d]``.
+        mask: None or a ``[B, 1, 1, N]`` additive key bias.
+
+    Returns:
+        ``(query [B, H, N, d'], key [B, H, N', d'], value [B, H, N', d])`` with ``N'`` and ``d' > d`` multiples of 8.
+    """
+    *lead, length, dim = key.shape
+    padded_length, padded_dim = -(-length // 8) * 8, -(-(dim + 1) // 8) * 8
+    aligned_query = query.new_zeros(*lead, length, padded_dim)
+    aligned_query[..., :dim] = query
+    aligned_query[..., dim] = 1.0
+    aligned_key = key.new_zeros(*lead, padded_length, padded_dim)
+    aligned_key[..., :length, :dim] = key
+    if mask is not None:
+        aligned_key[..., :length, dim] = mask[:, :, 0, :]
+    aligned_key[..., length:, dim] = torch.finfo(key.dtype).min / 2
+    aligned_value = F.pad(value, (0, 0, 0, padded_length - length))
+    return aligned_query, aligned_key, aligned_value
 
 
 def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:

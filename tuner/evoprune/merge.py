@@ -416,7 +416,9 @@ def merge(
 
     # new_index[b, p]: the output token that input position p ends up in: its rank in the order (merged A tokens
     # rank last, at kept and beyond), and for a merged A token its destination's.
-    new_index = torch.argsort(order, dim=1)
+    # The inverse permutation of ``order`` by a scatter: on a GPU an argsort is a segmented sort (several kernels).
+    ranks = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+    new_index = torch.empty_like(order).scatter_(1, order, ranks)
     new_index.scatter_(1, src_pos, new_index.gather(1, dst_pos))
 
     # One weighted sum into the output tokens: each input token weighs its size over its output token's size. A
