@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import tuner.cli as cli_module
 from tuner.options import output_dir
 
 Cli = Callable[..., Any]  # the tuner_cli fixture: (*args) -> result with .code, .out, .err
@@ -184,6 +185,19 @@ def test_no_feasible_schedule_exits_3_shows_the_closest_and_still_plots(tuner_wo
     assert "closest: trial" in result.out
     assert Path("studies/demo-cpu-0.01ms/pareto.html").is_file()
     assert not Path("studies/demo-cpu-0.01ms/best.json").exists()
+    assert "on a GPU" not in result.out  # the small-batch hint is for GPU runs only
+
+
+def test_no_feasible_schedule_on_a_gpu_says_why_small_batches_do_not_pay(
+    tuner_workdir: Path, tuner_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The study runs on this CPU; only the CLI's device check answers "GPU", as it would on a CUDA machine.
+    monkeypatch.setattr(cli_module, "_on_gpu", lambda device: True)
+    result = run_tiny(tuner_cli, budget="0.01ms", trials=2)
+    assert result.code == 3, result.out + result.err
+    hint = " ".join(result.out.split())
+    assert "on a GPU a small batch waits for the host to launch its operators" in hint
+    assert "--batch-size" in hint
 
 
 @pytest.mark.parametrize(

@@ -290,9 +290,7 @@ def run(
         raise typer.Exit(result.exit_code)
     _print_selection(result.selection, progress, console)
     if result.schedule is None:
-        from tuner.options import resolve_device_name
-
-        if resolve_device_name(options.device).startswith("cuda"):
+        if _on_gpu(options.device):
             console.print(GPU_SMALL_BATCH_HINT)
         console.print(f"plot: {result.plot_path}")
         raise typer.Exit(EXIT_NO_FEASIBLE)
@@ -388,6 +386,12 @@ GPU_SMALL_BATCH_HINT = (
     "step adds operators; EvoPrune pays where the GPU computes: larger batches (--batch-size), more frames, longer "
     "prompts (docs/engine-speed.md)"
 )
+
+
+def _on_gpu(device: str) -> bool:
+    from tuner.options import resolve_device_name
+
+    return resolve_device_name(device).startswith("cuda")
 
 
 def _report_no_feasible(selection: Any, console: Console) -> None:
