@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tuner.evoprune import Scoring, TokenState, attention_received, knn_distinctiveness, match, merge, merge_step
-from tuner.evoprune.merge import patch_importance, protect_count, protected_tokens
+from tuner.evoprune.merge import _inverse_permutation, patch_importance, protect_count, protected_tokens
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plain reference: one item at a time, Python loops, written from docs/method.md (sections 3 and 4).
@@ -353,3 +353,13 @@ def test_importance_is_normalised_over_the_patch_tokens() -> None:
     column_mean = probs.mean(dim=(1, 2))[:, 1:]
     torch.testing.assert_close(patches, column_mean * 6 / column_mean.sum(dim=1, keepdim=True))
     torch.testing.assert_close(patch_importance(with_cls, 1), patches)
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_inverse_permutation_by_argsort_and_by_scatter(scatter: bool) -> None:
+    # The GPU path scatters ranks, the CPU path argsorts: both must invert every item's permutation.
+    generator = torch.Generator().manual_seed(5)
+    order = torch.stack([torch.randperm(9, generator=generator) for _ in range(3)])
+    inverse = _inverse_permutation(order, scatter=scatter)
+    assert torch.equal(inverse.gather(1, order), torch.arange(9).expand(3, 9))
+    assert torch.equal(inverse, torch.argsort(order, dim=1))

@@ -377,6 +377,19 @@ def _take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(batch, index.shape[1], channels)
 
 
+def _inverse_permutation(order: torch.Tensor, scatter: bool) -> torch.Tensor:
+    """``[B, T]`` inverse of the per-item permutations ``order``: ``result[b, order[b, i]] = i``.
+
+    One argsort on a CPU (a single operator, faster there than the scatter's three); on a GPU an argsort is a
+    segmented sort of several kernels, so there (``scatter``) the ranks are scattered instead. Same result.
+    """
+    if not scatter:
+        return torch.argsort(order, dim=1)
+    batch, length = order.shape
+    ranks = torch.arange(length, device=order.device).expand(batch, length)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
 def merge(
     hidden: torch.Tensor, state: TokenState, src: torch.Tensor, dst: torch.Tensor
 ) -> tuple[torch.Tensor, TokenState]:
@@ -416,9 +429,7 @@ def merge(
 
     # new_index[b, p]: the output token that input position p ends up in: its rank in the order (merged A tokens
     # rank last, at kept and beyond), and for a merged A token its destination's.
-    # The inverse permutation of ``order`` by a scatter: on a GPU an argsort is a segmented sort (several kernels).
-    ranks = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-    new_index = torch.empty_like(order).scatter_(1, order, ranks)
+    new_index = _inverse_permutation(order, scatter=order.is_cuda)
     new_index.scatter_(1, src_pos, new_index.gather(1, dst_pos))
 
     # One weighted sum into the output tokens: each input token weighs its size over its output token's size. A
