@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import CLIPVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +58,7 @@ def main() -> int:
     with torch.device(device):
         model = ENCODERS[names[0]]().to(dtype=dtype).eval()
     config = model.config
-    has_cls = "CLIP" in names[0]
+    has_cls = isinstance(model, CLIPVisionModel)  # as benchmarks/encoder_speed.py tells the families apart
     tokens_in = (config.image_size // config.patch_size) ** 2
     plan = Schedule.preset("skip", num_layers=config.num_hidden_layers, tokens_in=tokens_in,
                            tokens_out=args.tokens_out, scoring=Scoring(), family="clip" if has_cls else "siglip",

@@ -134,7 +134,7 @@ def main() -> int:
         schedules = dict(per_frame_schedule(layers, 729, count) for count in tokens)
         prepare, native_tokens, unit = prepare_onevision, pooled, "tokens/frame"
         what = f"LLaVA-OneVision, one video of {args.video} frames"
-        language = "Qwen2-7B shape" if lm_layers == QWEN2_7B_LAYERS else f"REDUCED: {lm_layers} of 28 layers, 3584 wide"
+        language_shape, language_width = "Qwen2-7B", 3584
     else:
         model = build(lm_layers, device, dtype)
         layers = llava_layers_used(model)
@@ -158,9 +158,11 @@ def main() -> int:
         }
         prepare, native_tokens, unit = prepare_llava, 576, "image tokens"
         what = f"LLaVA-1.5, {args.batch} prompt{'s' if args.batch > 1 else ''} of one image"
-        language = (
-            "Vicuna-7B shape" if lm_layers == VICUNA_7B_LAYERS else f"REDUCED: {lm_layers} of 32 layers, 4096 wide"
-        )
+        language_shape, language_width = "Vicuna-7B", 4096
+    if lm_layers == full_layers:
+        language = f"{language_shape} shape"
+    else:
+        language = f"REDUCED: {lm_layers} of {full_layers} layers, {language_width} wide"
 
     def native() -> None:
         model(**inputs, logits_to_keep=1)
