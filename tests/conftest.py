@@ -157,3 +157,18 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+@pytest.fixture(params=["fused CPU kernels", "tensor code"])
+def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with the fused CPU kernels of a merge step and once with the tensor code (every device's path).
+
+    A test module uses it for all its tests with ``pytestmark = pytest.mark.usefixtures("merge_path")``.
+    """
+    from tuner.evoprune import cpu_kernels
+
+    enabled = request.param == "fused CPU kernels"
+    if enabled and cpu_kernels.numba is None:
+        pytest.fail("numba is a dependency of the fused CPU kernels; install the project with its dependencies")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+    return str(request.param)

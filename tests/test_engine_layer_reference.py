@@ -22,6 +22,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 from tuner.evoprune import Schedule, Scoring, apply
 from tuner.evoprune.adapters import resolve_encoder
 
+# Every test twice: with the fused CPU kernels of a merge step and with the tensor code (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("merge_path")
+
 IMAGE, PATCH, LAYERS, HEADS, WIDTH = 48, 8, 6, 4, 32  # 36 patch tokens
 VISION = dict(
     hidden_size=WIDTH,

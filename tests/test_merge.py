@@ -11,6 +11,9 @@ import torch
 from tuner.evoprune import Scoring, TokenState, attention_received, knn_distinctiveness, match, merge, merge_step
 from tuner.evoprune.merge import _inverse_permutation, patch_importance, protect_count, protected_tokens
 
+# Every test twice: with the fused CPU kernels of a merge step and with the tensor code (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("merge_path")
+
 # ---------------------------------------------------------------------------------------------------------------
 # Plain reference: one item at a time, Python loops, written from docs/method.md (sections 3 and 4).
 # ---------------------------------------------------------------------------------------------------------------

@@ -373,16 +373,21 @@ def _merging_layer_forward(
     cls = step.cls_tokens
     features = keys if scoring.features == "keys" else hidden_states
     # s~: the attention received, normalised to mean 1 over the patch tokens (CLS excluded; docs/method.md, 4).
-    importance = patch_importance(received, cls) if received is not None else None
+    # Without an attention term (w_attn 0) only the CTR ranking uses it, which no positive scale changes: the
+    # patches' column sums serve as they are (four operators fewer per merging layer).
+    importance = None
+    if received is not None:
+        importance = patch_importance(received, cls) if scoring.w_attn > 0 else received[:, cls:]
     if step.frames is None:
-        patches, step.state = merge_step(
-            hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, importance
+        # CLS passes through inside the step (the fused CPU kernel writes it with the merged tokens: no cat).
+        hidden_states, step.state = merge_step(
+            hidden_states, features, step.state, step.remove, scoring, importance, prefix_tokens=cls
         )
     else:
         patches, step.state, step.temporal_count = temporal_merge_step(
             hidden_states[:, cls:], features[:, cls:], step.state, step.remove, scoring, step.frames, importance
         )
-    hidden_states = torch.cat([hidden_states[:, :cls], patches], dim=1) if cls else patches
+        hidden_states = torch.cat([hidden_states[:, :cls], patches], dim=1) if cls else patches
     if profile:
         _synchronize(hidden_states)
         step.handle.merge_seconds += time.perf_counter() - started

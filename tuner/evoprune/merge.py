@@ -15,6 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import torch
 import torch.nn.functional as F
 
+from tuner.evoprune import cpu_kernels
 from tuner.evoprune.scoring import Scoring
 
 # (1 + cos) / 2 is 0 for opposite tokens; the floor keeps log() finite so that w_sim * log(.) never meets 0 * -inf.
@@ -259,11 +260,53 @@ def _match(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`match`, also returning the ``[B]`` flags of the items whose CTR protection was reduced (None: no
     protection in this step)."""
+    if _fused(features, importance):
+        return _fused_match(features, remove, scoring, importance)
     scores = spatial_scores(features, remove, scoring, importance)
     order = torch.argsort(scores.best_score, dim=-1, descending=True, stable=True)
     src = order[:, :remove]
     dst = scores.best_partner.gather(1, src)
     return src, dst, scores.reduced
+
+
+def _fused(features: torch.Tensor, importance: torch.Tensor | None) -> bool:
+    """Whether a step on these tensors runs the fused CPU kernels (:mod:`tuner.evoprune.cpu_kernels`)."""
+    return cpu_kernels.enabled(features) and (importance is None or cpu_kernels.enabled(importance))
+
+
+def _check_remove(num_tokens: int, remove: int) -> None:
+    if not 0 < remove <= num_tokens // 2:
+        raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
+
+
+def _fused_match(
+    features: torch.Tensor, remove: int, scoring: Scoring, importance: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_match` by :func:`tuner.evoprune.cpu_kernels.match_kernel`: the cosines here, the rest in one call."""
+    num_tokens = features.shape[1]
+    _check_remove(num_tokens, remove)
+    if scoring.needs_attention and importance is None:
+        raise ValueError("these scoring settings need the attention received by each token")
+    normed = F.normalize(_as_dtype(features, torch.float32), dim=-1)
+    cosine = normed @ normed.transpose(1, 2)
+    num_protect, protect_all = 0, True
+    if scoring.needs_attention and scoring.ctr > 0:
+        num_protect = protect_count(scoring.ctr, num_tokens, remove)
+        # As _protection: where neither cap can bind, every candidate is protected and nothing is reported.
+        protect_all = num_protect <= min(num_tokens // 2 - 1, (num_tokens + 1) // 2 - remove)
+    src, dst, reduced = cpu_kernels.match_kernel(
+        cosine,
+        importance if scoring.needs_attention else None,
+        scoring.w_sim,
+        scoring.w_div,
+        scoring.w_attn,
+        scoring.knn_k,
+        scoring.tau,
+        num_protect,
+        protect_all,
+        remove,
+    )
+    return src, dst, None if num_protect == 0 or protect_all else reduced
 
 
 @dataclass
@@ -305,9 +348,7 @@ def spatial_scores(
     Returns:
         The scores, partners, normalised features and penalties (:class:`SpatialScores`).
     """
-    num_tokens = features.shape[1]
-    if not 0 < remove <= num_tokens // 2:
-        raise ValueError(f"a merge step can remove 1..{num_tokens // 2} of {num_tokens} tokens, asked for {remove}")
+    _check_remove(features.shape[1], remove)
     compute_dtype = _accumulation_dtype(features.dtype)
     normed = F.normalize(_as_dtype(features, compute_dtype), dim=-1)
     if scoring.w_div > 0:
@@ -407,8 +448,30 @@ def merge(
     Returns:
         The ``[B, T - r, C]`` merged tokens and the updated state.
     """
+    return _merge(hidden, state, src, dst, 0)
+
+
+def _merge(
+    hidden: torch.Tensor, state: TokenState, src: torch.Tensor, dst: torch.Tensor, prefix: int
+) -> tuple[torch.Tensor, TokenState]:
+    """:func:`merge` on ``[B, prefix + T, C]`` tokens whose first ``prefix`` (CLS) pass through unchanged."""
     if state.source_item is not None:
         raise ValueError("this state went through temporal merging; merge it with tuner.evoprune.temporal")
+    if cpu_kernels.enabled(hidden):
+        tokens, sizes, first_patch, source = cpu_kernels.merge_kernel(
+            hidden, prefix, state.sizes, state.first_patch, state.source, src, dst
+        )
+        return tokens, TokenState(sizes=sizes, source=source, first_patch=first_patch)
+    if prefix == 0:
+        return _merge_tensors(hidden, state, src, dst)
+    patches, new_state = _merge_tensors(hidden[:, prefix:], state, src, dst)
+    return torch.cat([hidden[:, :prefix], patches], dim=1), new_state
+
+
+def _merge_tensors(
+    hidden: torch.Tensor, state: TokenState, src: torch.Tensor, dst: torch.Tensor
+) -> tuple[torch.Tensor, TokenState]:
+    """:func:`merge` in tensor operations (every device; the reference of the fused CPU kernel)."""
     batch, num_tokens, channels = hidden.shape
     remove = src.shape[1]
     kept = num_tokens - remove
@@ -460,20 +523,22 @@ def merge_step(
     remove: int,
     scoring: Scoring,
     importance: torch.Tensor | None = None,
+    prefix_tokens: int = 0,
 ) -> tuple[torch.Tensor, TokenState]:
     """Score, match and merge: one EvoPrune step on the patch tokens of a batch.
 
     Args:
-        hidden: ``[B, T, C]`` patch tokens to merge.
-        features: ``[B, T, D]`` features the similarity and kNN terms use.
+        hidden: ``[B, P + T, C]`` tokens: ``P = prefix_tokens`` special tokens, then the patch tokens to merge.
+        features: ``[B, P + T, D]`` features the similarity and kNN terms use (the prefix's are ignored).
         state: the carried sizes, source map and order keys.
         remove: r, how many tokens this step removes (0 returns the inputs).
         scoring: the scoring settings.
         importance: ``[B, T]`` attention received (mean 1 over the patch tokens), needed when
             ``scoring.needs_attention``.
+        prefix_tokens: leading tokens that are not patches (CLIP's CLS): they pass through unchanged, first.
 
     Returns:
-        ``[B, T - r, C]`` tokens and the new state; its ``protection_reduced`` flags the items whose CTR protection
+        ``[B, P + T - r, C]`` tokens and the new state; its ``protection_reduced`` flags the items whose CTR protection
         this step had to reduce (None when it protected nothing).
 
     Example:
@@ -487,7 +552,8 @@ def merge_step(
     """
     if remove == 0:
         return hidden, state
-    src, dst, reduced = _match(features, remove, scoring, importance)
-    merged, new_state = merge(hidden, state, src, dst)
+    patch_features = features[:, prefix_tokens:] if prefix_tokens else features
+    src, dst, reduced = _match(patch_features, remove, scoring, importance)
+    merged, new_state = _merge(hidden, state, src, dst, prefix_tokens)
     new_state.protection_reduced = reduced
     return merged, new_state
