@@ -195,6 +195,12 @@ def protected_tokens(importance: torch.Tensor, ctr: float, remove: int) -> tuple
     return mask[:, 0::2], mask[:, 1::2]
 
 
+def _caps_cannot_bind(num_protect: int, num_tokens: int, remove: int) -> bool:
+    """Whether neither CTR cap (``|A| - r`` in A, ``|B| - 1`` in B) can bind, whichever sets the ``num_protect``
+    candidates fall in (the usual case: r below about T / 4 at CTR 0.25)."""
+    return num_protect <= min(num_tokens // 2 - 1, (num_tokens + 1) // 2 - remove)
+
+
 def _protection(
     importance: torch.Tensor, ctr: float, remove: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
@@ -211,9 +217,8 @@ def _protection(
         return None
     # The candidates, most important first (ties to the lower index).
     candidates = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :num_protect]
-    if num_protect <= min(num_b - 1, num_a - remove):
-        # Neither cap can bind whichever sets the candidates fall in (the usual case: r below about T / 4 at CTR
-        # 0.25), so no item's protection is reduced: skip the walk, which is most of this function's operators.
+    if _caps_cannot_bind(num_protect, num_tokens, remove):
+        # No item's protection is reduced: skip the walk, which is most of this function's operators.
         return candidates, None, None
     # Walking the candidates in order, a token is kept protected while its own set is under its cap: B while fewer
     # than |B| - 1 B tokens came before it, A while fewer than |A| - r A tokens did (at walk position j, j - count_b
@@ -287,13 +292,13 @@ def _fused_match(
     _check_remove(num_tokens, remove)
     if scoring.needs_attention and importance is None:
         raise ValueError("these scoring settings need the attention received by each token")
-    normed = F.normalize(_as_dtype(features, torch.float32), dim=-1)
+    normed = F.normalize(features, dim=-1)  # float32 already: the kernels serve nothing else
     cosine = normed @ normed.transpose(1, 2)
     num_protect, protect_all = 0, True
     if scoring.needs_attention and scoring.ctr > 0:
         num_protect = protect_count(scoring.ctr, num_tokens, remove)
         # As _protection: where neither cap can bind, every candidate is protected and nothing is reported.
-        protect_all = num_protect <= min(num_tokens // 2 - 1, (num_tokens + 1) // 2 - remove)
+        protect_all = _caps_cannot_bind(num_protect, num_tokens, remove)
     src, dst, reduced = cpu_kernels.match_kernel(
         cosine,
         importance if scoring.needs_attention else None,
